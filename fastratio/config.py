@@ -1,0 +1,263 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `--set a.b=v` overrides.
+
+Every option is a field with a unit in its comment. Loading is strict: an unknown key, a value of
+the wrong type or a value outside its allowed set raises ``ConfigError`` whose message names the
+dotted key, so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+OBJECTIVES = ("dikl", "dijs", "dirm", "lr", "kl", "be", "ls", "sba")
+METHODS = ("diffratio", "vsd", "dibregman")
+SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
+SCHEDULES = ("ve", "vp")
+WEIGHTINGS = ("sigma2", "none", "edm")
+TOY_MIXTURES = ("ring8", "grid25", "aniso3")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/toy2d"  # run folder: config, metrics, checkpoints, plots
+    seed: int = 0  # seeds every random stream of the run
+    steps: int = 5000  # generator updates
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
+    eval_every: int = 500  # steps between sample-quality evaluations
+    plot_every: int = 1000  # steps between sample plots (0: never)
+    ckpt_every: int = 500  # steps between checkpoints; at most this many steps are lost on a crash
+    keep_ckpts: int = 3  # checkpoints kept on disk (newest first)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class DataConfig:
+    kind: str = "toy2d"  # data family; toy2d: closed-form 2-D Gaussian mixtures
+    mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3
+    eval_samples: int = 2000  # samples drawn for evaluation metrics
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = 8  # generator input z ~ N(0, I) of this size
+    gen_hidden: int = 256  # generator MLP width
+    gen_depth: int = 3  # generator hidden layers
+    ratio_hidden: int = 256  # ratio-network MLP width
+    ratio_depth: int = 3  # ratio-network hidden layers
+    score_hidden: int = 181  # score-network width (VSD baseline; about half the ratio net each)
+    score_depth: int = 3  # score-network hidden layers
+    sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning
+
+
+@dataclass
+class MethodConfig:
+    name: str = "diffratio"  # diffratio (ratio net only) | vsd (teacher + fake score) | dibregman (both)
+    objective: str = "dijs"  # generator weight: dikl | dijs | dirm | lr | kl | be | ls | sba
+    sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
+    ratio_steps: int = 1  # ratio (or fake-score) updates per generator update
+    teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
+
+
+@dataclass
+class NoiseConfig:
+    schedule: str = "ve"  # ve: x_t = x0 + sigma*eps | vp: x_t = (x0 + sigma*eps) / sqrt(1 + sigma^2)
+    sigma_dist: str = "loguniform"  # lognormal | fixed | loguniform | uniform
+    p_mean: float = -1.2  # lognormal: mean of log sigma
+    p_std: float = 1.2  # lognormal: std of log sigma
+    sigma_fixed: float = 2.5  # fixed: the single noise level
+    sigma_min: float = 0.02  # loguniform/uniform: lower bound
+    sigma_max: float = 3.0  # loguniform/uniform: upper bound
+    weighting: str = "none"  # w(sigma): sigma2 (the papers, images) | none (toy: keeps low-sigma detail) | edm
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 256  # samples per step, real and generated alike
+    gen_lr: float = 1e-3  # generator Adam learning rate
+    ratio_lr: float = 1e-3  # ratio-network (and fake-score) Adam learning rate
+    teacher_lr: float = 1e-3  # toy teacher Adam learning rate
+    beta1: float = 0.0  # Adam beta1 for the two-player updates (0 as in DMD/SiD)
+    beta2: float = 0.99  # Adam beta2
+    grad_clip: float = 0.0  # max global grad norm per network (0: off)
+    ema_halflife_kimg: float = 20.0  # EMA half-life of the generator, thousands of images
+    ema_rampup: float = 0.05  # half-life at most this fraction of images seen so far (0: off)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# Closed sets and lower bounds checked after every load; the key names the culprit in the error.
+_CHOICES = {
+    "run.device": DEVICES,
+    "data.mixture": TOY_MIXTURES,
+    "data.kind": ("toy2d",),
+    "method.name": METHODS,
+    "method.objective": OBJECTIVES,
+    "noise.schedule": SCHEDULES,
+    "noise.sigma_dist": SIGMA_DISTS,
+    "noise.weighting": WEIGHTINGS,
+}
+_POSITIVE = (
+    "run.steps", "run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_ckpts",
+    "data.eval_samples", "model.latent_dim", "model.gen_hidden", "model.gen_depth",
+    "model.ratio_hidden", "model.ratio_depth", "model.score_hidden", "model.score_depth",
+    "model.sigma_data", "method.ratio_steps", "noise.sigma_fixed", "noise.sigma_min",
+    "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
+)
+_NON_NEGATIVE = (
+    "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
+    "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2",
+)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the field type; ints and numeric strings are accepted for floats, nothing else is cast."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(typ)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {typ}, got {type(value).__name__} {value!r}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-5` as a string; accept any spelling Python parses as a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ in (int, float, str, bool) and (type(value) is not typ):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in types_:
+            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(types_)})")
+        typ = types_[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, dotted)
+        else:
+            kwargs[key] = _coerce(dotted, value, typ)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that a type alone cannot express."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.noise.sigma_min >= cfg.noise.sigma_max:
+        raise ConfigError(f"noise.sigma_min: {cfg.noise.sigma_min} must be below noise.sigma_max {cfg.noise.sigma_max}")
+    if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):
+        raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    # YAML scalars give ints, floats, bools and strings their natural types (`2.5`, `true`, `dijs`).
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Merge ``a.b=v`` strings into a nested dict; unknown keys are caught by ``from_dict``."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,36 @@
+"""Exponential moving average of the generator, with the decay set by a half-life in images (as EDM)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_beta(batch_size: int, nimg: int, halflife_kimg: float, rampup: float) -> float:
+    """Per-step decay so that a weight halves after ``halflife_kimg`` thousand images; during ramp-up
+    the half-life is at most ``rampup`` times the images seen so far (early weights fade quickly)."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup > 0:
+        halflife_nimg = min(halflife_nimg, nimg * rampup)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+class EMA(nn.Module):
+    """Holds an averaged copy of a module; ``update`` blends the live weights in."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(module).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, live: nn.Module, beta: float) -> None:
+        ema_params = list(self.module.parameters())
+        live_params = list(live.parameters())
+        torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)
+        for ema_buf, buf in zip(self.module.buffers(), live.buffers()):
+            ema_buf.copy_(buf)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,22 @@
+"""User-facing errors: the CLI prints their message as one line (no traceback unless --debug)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user (config, file, data, checkpoint); the message names the culprit."""
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run ``main``; turn a UserError into 'error: ...' on stderr and exit status 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return main(args)
+    except UserError as err:
+        if "--debug" in args:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

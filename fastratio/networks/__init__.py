@@ -1,0 +1,1 @@
+"""Networks: generators, ratio networks (classifiers with a scalar logit) and score networks."""

@@ -1,0 +1,174 @@
+"""Training entry point: ``python -m fastratio.train CONFIG.yaml [--set a.b=v ...] [--resume auto|PATH]``.
+
+Stage 1 (only for methods that read a teacher score) fits the teacher by denoising score matching;
+stage 2 trains the one-step generator with the configured method. The run folder holds the resolved
+config, metrics.jsonl, checkpoints (state_dicts only) and sample plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from . import config as config_mod
+from .config import Config
+from .ema import EMA, ema_beta
+from .errors import UserError, run_cli
+from .runlog import JsonlLog, MetricAccumulator
+from .step import Networks, TrainStep, dsm_update, needs_scores
+from .tasks import build_task
+
+_ROLES = ("generator", "ratio", "teacher", "fake_score")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+
+
+def build_optimizers(nets: Networks, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    lrs = {"generator": cfg.optim.gen_lr, "ratio": cfg.optim.ratio_lr, "fake_score": cfg.optim.ratio_lr}
+    return {name: _adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
+
+
+def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) -> list[float]:
+    """Stage 1: fit the teacher score by DSM on data; the fake score starts from it (as in VSD)."""
+    opt = _adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)
+    losses = []
+    for _ in tqdm(range(cfg.method.teacher_steps), desc="teacher", disable=not cfg.run.progress):
+        loss, _ = dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng), cfg, rng)
+        losses.append(loss)
+    nets.teacher.requires_grad_(False).eval()
+    nets.fake_score.load_state_dict(nets.teacher.state_dict())
+    return torch.stack(losses).tolist() if losses else []
+
+
+def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator) -> dict:
+    return {
+        "step": step,
+        "nimg": nimg,
+        "config": config_mod.to_dict(cfg),
+        "nets": {name: getattr(nets, name).state_dict() for name in _ROLES if getattr(nets, name) is not None},
+        "ema": ema.module.state_dict(),
+        "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
+        "rng": {"train": rng.get_state(), "torch_cpu": torch.get_rng_state()},
+    }
+
+
+def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, source: Path) -> None:
+    try:
+        for name, sd in state["nets"].items():
+            getattr(nets, name).load_state_dict(sd)
+        ema.module.load_state_dict(state["ema"])
+        for name, sd in state["optimizers"].items():
+            opts[name].load_state_dict(sd)
+        rng.set_state(state["rng"]["train"])
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+    except (KeyError, RuntimeError, AttributeError) as err:
+        raise UserError(f"{source}: checkpoint does not match this config ({str(err).splitlines()[0]})") from None
+
+
+def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict] | None:
+    if resume == "auto":
+        return checkpoint.load_latest(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume: checkpoint {path} not found")
+    try:
+        return path, checkpoint.load(path)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
+        raise UserError(f"--resume: cannot read checkpoint {path} ({type(err).__name__})") from None
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Run (or continue) training; returns the run folder."""
+    run_dir = Path(cfg.run.out_dir)
+    if resume is None and checkpoint.list_checkpoints(run_dir):
+        raise UserError(f"run.out_dir: {run_dir} already holds checkpoints; pass --resume auto or choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    task = build_task(cfg, device)
+    nets = task.build_networks()
+    opts = build_optimizers(nets, cfg)
+    rng = torch.Generator(device).manual_seed(cfg.run.seed)
+
+    found = _find_resume(resume, run_dir) if resume is not None else None
+    if found is None and needs_scores(cfg.method.name):
+        pretrain_teacher(task, nets, cfg, rng)
+    ema = EMA(nets.generator)
+    start, nimg = 0, 0
+    if found is not None:
+        path, state = found
+        if needs_scores(cfg.method.name):
+            nets.teacher.requires_grad_(False).eval()
+        _restore(state, nets, ema, opts, rng, path)
+        start, nimg = state["step"], state["nimg"]
+        print(f"resumed from {path} at step {start}")
+
+    step_fn = TrainStep(cfg, nets, opts, rng)
+    log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None)
+    acc = MetricAccumulator()
+    batch = cfg.optim.batch_size
+    bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not cfg.run.progress)
+    t_last, n_last = time.perf_counter(), start
+
+    for step in range(start + 1, cfg.run.steps + 1):
+        x_real = task.sample_real(batch, rng)
+        z = task.sample_latent(batch, rng)
+        acc.add(step_fn(x_real, z))
+        nimg += batch
+        ema.update(nets.generator, ema_beta(batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
+        bar.update(1)
+
+        last = step == cfg.run.steps
+        if step % cfg.run.log_every == 0 or last:
+            now = time.perf_counter()
+            record = {"step": step, "kimg": nimg / 1000, **acc.pop_means()}
+            record["images_per_s"] = batch * (step - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, step
+            if step % cfg.run.eval_every == 0 or last:
+                record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
+            log.write(record)
+            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", **{k: f"{record[k]:.3g}" for k in ("ratio_loss",) if k in record})
+        if cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
+            task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+        if step % cfg.run.ckpt_every == 0 or last:
+            checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng), checkpoint.checkpoint_path(run_dir, step), cfg.run.keep_ckpts)
+    bar.close()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastratio.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="YAML config (default: the built-in toy2d settings)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set optim.batch_size=64")
+    parser.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint of run.out_dir, or from PATH")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+    cfg = config_mod.load(args.config, args.overrides)
+    if args.dry_run:
+        print(config_mod.dump(cfg), end="")
+        return 0
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
