@@ -39,7 +39,7 @@ class RunConfig:
     steps: int = 5000  # generator updates
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
-    eval_every: int = 500  # steps between sample-quality evaluations
+    eval_every: int = 1000  # steps between sample-quality evaluations (on a log step)
     plot_every: int = 1000  # steps between sample plots (0: never)
     ckpt_every: int = 500  # steps between checkpoints; at most this many steps are lost on a crash
     keep_ckpts: int = 3  # checkpoints kept on disk (newest first)

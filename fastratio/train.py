@@ -136,12 +136,13 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         bar.update(1)
 
         last = step == cfg.run.steps
-        if step % cfg.run.log_every == 0 or last:
+        evaluate = step % cfg.run.eval_every == 0 or last
+        if step % cfg.run.log_every == 0 or evaluate:
             now = time.perf_counter()
             record = {"step": step, "kimg": nimg / 1000, **acc.pop_means()}
             record["images_per_s"] = batch * (step - n_last) / max(now - t_last, 1e-9)
             t_last, n_last = now, step
-            if step % cfg.run.eval_every == 0 or last:
+            if evaluate:
                 record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
             log.write(record)
             bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", **{k: f"{record[k]:.3g}" for k in ("ratio_loss",) if k in record})
