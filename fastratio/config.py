@@ -70,7 +70,7 @@ class MethodConfig:
     name: str = "diffratio"  # diffratio (ratio net only) | vsd (teacher + fake score) | dibregman (both)
     objective: str = "dijs"  # generator weight: dikl | dijs | dirm | lr | kl | be | ls | sba
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
-    ratio_steps: int = 1  # ratio (or fake-score) updates per generator update
+    ratio_steps: int = 1  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
     teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
 
 

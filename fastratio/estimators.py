@@ -21,6 +21,7 @@ from .config import Config, from_dict, to_dict
 from .networks.mlp import MLPRatio, MLPScore
 from .noise import loss_weight
 from .step import Networks, TrainStep, draw_noised, dsm_update
+from .train import make_adam
 
 
 def shifted_ring(rotation: float = 0.25, radius: float = 1.7, std: float = 0.2) -> toy.GaussianMixture:
@@ -56,7 +57,10 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
     ratio = MLPRatio(2, m.ratio_hidden, m.ratio_depth, m.sigma_data, schedule)
     teacher = MLPScore(2, m.score_hidden, m.score_depth, m.sigma_data, schedule)
     fake = MLPScore(2, m.score_hidden, m.score_depth, m.sigma_data, schedule)
-    adam = lambda net: torch.optim.Adam(net.parameters(), lr=base.optim.ratio_lr, betas=(base.optim.beta1, base.optim.beta2))  # noqa: E731
+
+    def adam(net: torch.nn.Module) -> torch.optim.Optimizer:
+        return make_adam(net.parameters(), base.optim.ratio_lr, base)
+
     ratio_step = TrainStep(cfg_ratio, Networks(generator, ratio=ratio), {"ratio": adam(ratio)}, rng)
     vsd_step = TrainStep(cfg_vsd, Networks(generator, teacher=teacher, fake_score=fake), {}, rng)
     opt_teacher, opt_fake = adam(teacher), adam(fake)

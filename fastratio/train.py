@@ -34,25 +34,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
+def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
 
 
 def build_optimizers(nets: Networks, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     lrs = {"generator": cfg.optim.gen_lr, "ratio": cfg.optim.ratio_lr, "fake_score": cfg.optim.ratio_lr}
-    return {name: _adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
+    return {name: make_adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
 
 
-def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) -> list[float]:
+def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) -> None:
     """Stage 1: fit the teacher score by DSM on data; the fake score starts from it (as in VSD)."""
-    opt = _adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)
-    losses = []
+    opt = make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)
     for _ in tqdm(range(cfg.method.teacher_steps), desc="teacher", disable=not cfg.run.progress):
-        loss, _ = dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng), cfg, rng)
-        losses.append(loss)
+        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng), cfg, rng)
     nets.teacher.requires_grad_(False).eval()
     nets.fake_score.load_state_dict(nets.teacher.state_dict())
-    return torch.stack(losses).tolist() if losses else []
 
 
 def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator) -> dict:
