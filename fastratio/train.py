@@ -142,7 +142,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             if evaluate:
                 record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
             log.write(record)
-            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", **{k: f"{record[k]:.3g}" for k in ("ratio_loss",) if k in record})
+            aux_loss = record.get("ratio_loss", record.get("fake_dsm_loss", float("nan")))
+            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", aux_loss=f"{aux_loss:.3g}")
         if cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
             task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
         if step % cfg.run.ckpt_every == 0 or last:
