@@ -1,0 +1,70 @@
+"""Fused noise injection under TRITON_INTERPRET=1: Philox noise, forward and backward vs float64."""
+
+import pytest
+import torch
+
+from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
+
+SHAPES = [(1, 1), (7, 1151), (3, 3 * 1023), (3, 3, 5, 7)]
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2)]  # bf16: one output rounding
+
+
+def _eps(shape, seed):
+    """The kernel's own noise: alpha = 0, std = 1."""
+    b = shape[0]
+    return noise_inject(torch.zeros(shape), torch.zeros(b), torch.ones(b), seed)
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    alpha, std = torch.rand(shape[0], generator=g) + 0.5, torch.rand(shape[0], generator=g) * 3
+    return x0, alpha, std
+
+
+def test_noise_is_standard_normal_and_seeded():
+    eps = _eps((4, 65536), seed=123).double()
+    assert abs(float(eps.mean())) < 0.01 and abs(float(eps.std()) - 1) < 0.01
+    assert abs(float((eps**3).mean())) < 0.03 and abs(float((eps**4).mean()) - 3) < 0.05
+    assert torch.equal(_eps((4, 65536), seed=123), _eps((4, 65536), seed=123))
+    other = _eps((4, 65536), seed=124).double()
+    assert abs(float((eps * other).mean())) < 0.01  # a new seed gives independent noise
+    assert abs(float((eps[0] * eps[1]).mean())) < 0.02  # rows do not repeat each other
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_forward_matches_reference(shape, dtype, atol, rtol):
+    x0, alpha, std = _inputs(shape, dtype)
+    got = noise_inject(x0, alpha, std, seed=7)
+    want = noise_inject_reference(x0.double(), alpha.double(), std.double(), _eps(shape, 7).double())
+    assert got.dtype == dtype and got.shape == x0.shape
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_regenerates_noise(shape, dtype):
+    x0, alpha, std = _inputs(shape, dtype, seed=1)
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x0, alpha, std)]
+    got = torch.autograd.grad(noise_inject(*leaves, seed=11), leaves, upstream)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x0, alpha, std)]
+    want = torch.autograd.grad(noise_inject_reference(*ref_leaves, _eps(shape, 11).double()), ref_leaves, upstream.double())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for name, a, b in zip(("x0", "alpha", "std"), got, want):
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_shape_checks_name_the_argument():
+    x0, alpha, std = _inputs((3, 5), torch.float32)
+    with pytest.raises(ValueError, match="std"):
+        noise_inject(x0, alpha, std[:2], 0)
+    with pytest.raises(ValueError, match="x0"):
+        noise_inject(x0.double(), alpha, std, 0)
+
+
+def test_opcheck():
+    x0, alpha, std = _inputs((3, 37), torch.float32)
+    args = (x0.requires_grad_(True), alpha.requires_grad_(True), std.requires_grad_(True), 5)
+    torch.library.opcheck(torch.ops.fastratio.noise_inject.default, args)
