@@ -51,7 +51,7 @@ def test_backward_regenerates_noise(shape, dtype):
     got = torch.autograd.grad(noise_inject(*leaves, seed=11), leaves, upstream)
     ref_leaves = [t.double().requires_grad_(True) for t in (x0, alpha, std)]
     want = torch.autograd.grad(noise_inject_reference(*ref_leaves, _eps(shape, 11).double()), ref_leaves, upstream.double())
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
     for name, a, b in zip(("x0", "alpha", "std"), got, want):
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
 
