@@ -29,8 +29,26 @@ BLOCK = 1024
 
 
 @triton.jit
-def _softplus(x):
+def softplus_jit(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def generator_weight_jit(l, sig, sba_lambda, max_log_weight, OBJECTIVE: tl.constexpr):
+    """weight(l) of OBJECTIVE_CODES[objective]; sig = sigmoid(l). Shared with the surrogate kernel."""
+    if OBJECTIVE == 0:
+        weight = tl.full(l.shape, 1.0, tl.float32)
+    elif OBJECTIVE == 1:
+        weight = sig
+    elif OBJECTIVE == 2:
+        weight = 1.0 - sig
+    elif OBJECTIVE == 3:
+        weight = tl.exp(tl.minimum(l, max_log_weight))
+    elif OBJECTIVE == 4:
+        weight = tl.exp(tl.minimum(-l, max_log_weight))
+    else:
+        weight = tl.exp(tl.minimum(-sba_lambda * l, max_log_weight))
+    return weight
 
 
 @triton.jit
@@ -45,23 +63,11 @@ def _ratio_weighting_kernel(
     y = tl.load(label_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(wsig_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
-    sp = _softplus(l)
-    sig = tl.exp(-_softplus(-l))  # sigmoid(l) without exp overflow
+    sp = softplus_jit(l)
+    sig = tl.exp(-softplus_jit(-l))  # sigmoid(l) without exp overflow
     loss = sp - y * l
     dlogit = sig - y
-    if OBJECTIVE == 0:
-        weight = tl.full(l.shape, 1.0, tl.float32)
-    elif OBJECTIVE == 1:
-        weight = sig
-    elif OBJECTIVE == 2:
-        weight = 1.0 - sig
-    elif OBJECTIVE == 3:
-        weight = tl.exp(tl.minimum(l, max_log_weight))
-    elif OBJECTIVE == 4:
-        weight = tl.exp(tl.minimum(-l, max_log_weight))
-    else:
-        weight = tl.exp(tl.minimum(-sba_lambda * l, max_log_weight))
-    scale = -w * weight
+    scale = -w * generator_weight_jit(l, sig, sba_lambda, max_log_weight, OBJECTIVE)
 
     tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     tl.store(dlogit_ptr + offs, dlogit.to(dlogit_ptr.dtype.element_ty), mask=mask)
