@@ -30,6 +30,7 @@ SCHEDULES = ("ve", "vp")
 WEIGHTINGS = ("sigma2", "none", "edm")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3")
 DEVICES = ("auto", "cpu", "cuda")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RunConfig:
     seed: int = 0  # seeds every random stream of the run
     steps: int = 5000  # generator updates
     device: str = "auto"  # auto | cpu | cuda
+    kernels: str = "auto"  # triton | torch | auto (triton on CUDA or under TRITON_INTERPRET=1); env FASTRATIO_KERNELS wins
     log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
     eval_every: int = 1000  # steps between sample-quality evaluations (on a log step)
     plot_every: int = 1000  # steps between sample plots (0: never)
@@ -112,6 +114,7 @@ class Config:
 # Closed sets and lower bounds checked after every load; the key names the culprit in the error.
 _CHOICES = {
     "run.device": DEVICES,
+    "run.kernels": KERNEL_CHOICES,
     "data.mixture": TOY_MIXTURES,
     "data.kind": ("toy2d",),
     "method.name": METHODS,

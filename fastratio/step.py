@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import objectives
+from . import objectives, ops
 from .config import Config
 from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma
 
@@ -70,6 +70,7 @@ class TrainStep:
     def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator):
         self.cfg, self.nets, self.opt, self.rng = cfg, nets, optimizers, rng
         self.method = cfg.method.name
+        self.triton = ops.use_triton(cfg.run.kernels, next(nets.generator.parameters()).device)
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return draw_noised(x0, self.cfg, self.rng)
@@ -87,8 +88,7 @@ class TrainStep:
         xt_real, sigma_real, _ = self._noised(x_real)
         xt_fake, sigma_fake, _ = self._noised(x_fake)
         logit_real, logit_fake = ratio(xt_real, sigma_real), ratio(xt_fake, sigma_fake)
-        loss_real, loss_fake = objectives.ratio_classifier_loss(logit_real, logit_fake)
-        loss = 0.5 * (loss_real.mean() + loss_fake.mean())
+        loss = ops.classifier_loss(logit_real, logit_fake, self.triton)
         norm = self._apply("ratio", ratio, loss)
         return {
             "ratio_loss": loss.detach(),
@@ -103,6 +103,18 @@ class TrainStep:
         return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
 
     # -- generator -------------------------------------------------------------------------------
+    def _ratio_logit_grad(self, x_t: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Ratio logit l [B] and d l / d x_t [B, ...] (both detached), plus the logged potential."""
+        cfg = self.cfg.method
+        x_in = x_t.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logit = self.nets.ratio(x_in, sigma)
+            # Only d l / d x_t is needed: the ratio net's parameters get no gradient here.
+            (grad_logit,) = torch.autograd.grad(logit.sum(), x_in)
+        logit = logit.detach()
+        potential = (w * objectives.generator_potential(logit, cfg.objective, cfg.sba_lambda)).mean()
+        return logit, grad_logit, {"gen_potential": potential}
+
     def generator_direction(self, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x-space gradient g of the generator loss at x_t [B, ...] and diagnostics."""
         cfg = self.cfg.method
@@ -110,13 +122,7 @@ class TrainStep:
         metrics: dict[str, torch.Tensor] = {}
         logit = None
         if needs_ratio(self.method):
-            x_in = x_t.detach().requires_grad_(True)
-            with torch.enable_grad():
-                logit = self.nets.ratio(x_in, sigma)
-                # Only d l / d x_t is needed: the ratio net's parameters get no gradient here.
-                (grad_logit,) = torch.autograd.grad(logit.sum(), x_in)
-            logit = logit.detach()
-            metrics["gen_potential"] = (w * objectives.generator_potential(logit, cfg.objective, cfg.sba_lambda)).mean()
+            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w)
         if self.method == "diffratio":
             direction = objectives.ratio_direction(logit, grad_logit, w, cfg.objective, cfg.sba_lambda)
         else:
@@ -128,12 +134,27 @@ class TrainStep:
         metrics["gen_direction_norm"] = direction.reshape(direction.shape[0], -1).norm(dim=1).mean()
         return direction, metrics
 
+    def _fused_ratio_surrogate(self, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Teacher-free surrogate through the fused kernel: the direction is never materialised."""
+        from .kernels.generator_surrogate import generator_surrogate
+
+        cfg = self.cfg.method
+        w = self._weight(sigma)
+        logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w)
+        alpha, _ = noise_coefficients(sigma, self.cfg.noise.schedule)
+        scale = w * objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
+        metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
+        return generator_surrogate(x0, grad_logit, logit, w, alpha, cfg.objective, cfg.sba_lambda), metrics
+
     def generator_update(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         x0 = self.nets.generator(z)
         x_t, sigma, _ = self._noised(x0)
-        direction, metrics = self.generator_direction(x_t.detach(), sigma)
-        loss = objectives.surrogate_loss(direction, x_t).mean()
-        metrics["gen_grad_norm"] = self._apply("generator", self.nets.generator, loss)
+        if self.triton and self.method == "diffratio":
+            per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma)
+        else:
+            direction, metrics = self.generator_direction(x_t.detach(), sigma)
+            per_sample = objectives.surrogate_loss(direction, x_t)
+        metrics["gen_grad_norm"] = self._apply("generator", self.nets.generator, per_sample.mean())
         return metrics
 
     def __call__(self, x_real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,40 @@
+"""Hot-path ops behind one switch: the fused Triton kernels or their PyTorch references.
+
+``run.kernels`` (or the environment variable FASTRATIO_KERNELS, which wins) picks ``triton``,
+``torch`` or ``auto``: Triton on a CUDA device, or on the CPU when TRITON_INTERPRET=1 (tests);
+the references otherwise. Both paths compute the same per-sample values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import objectives
+from .config import KERNEL_CHOICES
+from .errors import UserError
+
+
+def use_triton(setting: str, device: torch.device) -> bool:
+    choice = os.environ.get("FASTRATIO_KERNELS", setting)
+    if choice not in KERNEL_CHOICES:
+        raise UserError(f"FASTRATIO_KERNELS: {choice!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if choice == "auto":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return choice == "triton"
+
+
+def classifier_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor, triton: bool) -> torch.Tensor:
+    """Mean of the per-class mean BCE of the ratio classifier (objectives.ratio_classifier_loss)."""
+    if not triton:
+        loss_real, loss_fake = objectives.ratio_classifier_loss(logit_real, logit_fake)
+        return 0.5 * (loss_real.mean() + loss_fake.mean())
+    from .kernels.ratio_weighting import ratio_weighting
+
+    logit = torch.cat([logit_real, logit_fake])
+    label = torch.cat([torch.ones_like(logit_real), torch.zeros_like(logit_fake)])
+    loss, _, _ = ratio_weighting(logit, label, torch.zeros_like(logit), "dikl")
+    n_real = logit_real.shape[0]
+    return 0.5 * (loss[:n_real].mean() + loss[n_real:].mean())
+
