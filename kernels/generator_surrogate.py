@@ -21,6 +21,7 @@ import triton.language as tl
 from fastratio.objectives import MAX_LOG_WEIGHT, ratio_direction
 
 from .ratio_weighting import OBJECTIVE_CODES, generator_weight_jit, softplus_jit
+from .rows import check_rows, row_block, row_grid
 
 BLOCK = 1024
 
@@ -39,10 +40,7 @@ def _surrogate_forward_kernel(
     x0_ptr, glogit_ptr, logit_ptr, wsig_ptr, alpha_ptr, out_ptr, n_feat, sba_lambda, max_log_weight,
     OBJECTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_feat
-    idx = row * n_feat + cols
+    row, idx, mask = row_block(n_feat, BLOCK_SIZE)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     gl = tl.load(glogit_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     scale = _row_scale(logit_ptr, wsig_ptr, alpha_ptr, row, sba_lambda, max_log_weight, OBJECTIVE)
@@ -54,35 +52,11 @@ def _surrogate_backward_kernel(
     grad_ptr, glogit_ptr, logit_ptr, wsig_ptr, alpha_ptr, grad_x0_ptr, n_feat, sba_lambda, max_log_weight,
     OBJECTIVE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_feat
-    idx = row * n_feat + cols
+    row, idx, mask = row_block(n_feat, BLOCK_SIZE)
     gl = tl.load(glogit_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     scale = _row_scale(logit_ptr, wsig_ptr, alpha_ptr, row, sba_lambda, max_log_weight, OBJECTIVE)
     scale = scale * tl.load(grad_ptr + row).to(tl.float32)
     tl.store(grad_x0_ptr + idx, (scale * gl).to(grad_x0_ptr.dtype.element_ty), mask=mask)
-
-
-def _check(x0, grad_logit, logit, weight_sigma, alpha, objective) -> None:
-    if objective not in OBJECTIVE_CODES:
-        raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVE_CODES)}")
-    if x0.dim() < 1 or x0.shape[0] == 0:
-        raise ValueError(f"x0: expected shape [B, ...] with B > 0, got {tuple(x0.shape)}")
-    if grad_logit.shape != x0.shape:
-        raise ValueError(f"grad_logit: shape {tuple(grad_logit.shape)} does not match x0 {tuple(x0.shape)}")
-    for name, t in (("logit", logit), ("weight_sigma", weight_sigma), ("alpha", alpha)):
-        if t.shape != (x0.shape[0],):
-            raise ValueError(f"{name}: expected shape [{x0.shape[0]}], got {tuple(t.shape)}")
-    for name, t in (("grad_logit", grad_logit), ("logit", logit), ("weight_sigma", weight_sigma), ("alpha", alpha)):
-        if t.device != x0.device:
-            raise ValueError(f"{name}: on {t.device}, x0 on {x0.device}")
-    if x0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x0: dtype {x0.dtype} not supported (float32, bfloat16, float16)")
-
-
-def _grid(x0: torch.Tensor) -> tuple[int, int]:
-    return (x0.shape[0], triton.cdiv(x0[0].numel(), BLOCK))
 
 
 @torch.library.custom_op("fastratio::generator_surrogate", mutates_args=())
@@ -92,7 +66,7 @@ def _surrogate_op(
 ) -> torch.Tensor:
     x0, grad_logit = x0.contiguous(), grad_logit.contiguous()
     out = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
-    _surrogate_forward_kernel[_grid(x0)](
+    _surrogate_forward_kernel[row_grid(x0, BLOCK)](
         x0, grad_logit, logit.contiguous(), weight_sigma.contiguous(), alpha.contiguous(), out, x0[0].numel(),
         float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK,
     )
@@ -111,7 +85,7 @@ def _surrogate_backward_op(
 ) -> torch.Tensor:
     grad_logit = grad_logit.contiguous()
     grad_x0 = torch.empty_like(grad_logit, dtype=x0_dtype)
-    _surrogate_backward_kernel[_grid(grad_logit)](
+    _surrogate_backward_kernel[row_grid(grad_logit, BLOCK)](
         grad.contiguous(), grad_logit, logit.contiguous(), weight_sigma.contiguous(), alpha.contiguous(), grad_x0,
         grad_logit[0].numel(), float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK,
     )
@@ -143,7 +117,9 @@ def generator_surrogate(
     alpha: torch.Tensor, objective: str, sba_lambda: float = 5.0,
 ) -> torch.Tensor:
     """Per-sample surrogate S [B] (float32) whose gradient w.r.t. x0 [B, ...] is alpha * g (see module doc)."""
-    _check(x0, grad_logit, logit, weight_sigma, alpha, objective)
+    if objective not in OBJECTIVE_CODES:
+        raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVE_CODES)}")
+    check_rows(x0, {"logit": logit, "weight_sigma": weight_sigma, "alpha": alpha}, {"grad_logit": grad_logit})
     return _surrogate_op(x0, grad_logit, logit, weight_sigma, alpha, OBJECTIVE_CODES[objective], sba_lambda)
 
 

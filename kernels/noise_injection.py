@@ -17,15 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .rows import check_rows, row_block, row_grid
+
 BLOCK = 1024
 
 
 @triton.jit
 def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_feat
-    idx = row * n_feat + cols
+    row, idx, mask = row_block(n_feat, BLOCK_SIZE)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
     std = tl.load(std_ptr + row).to(tl.float32)
@@ -37,10 +36,7 @@ def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed, BLOCK_SIZE
 def _inject_backward_kernel(
     grad_ptr, x0_ptr, alpha_ptr, grad_x0_ptr, grad_alpha_ptr, grad_std_ptr, n_feat, seed, BLOCK_SIZE: tl.constexpr
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_feat
-    idx = row * n_feat + cols
+    row, idx, mask = row_block(n_feat, BLOCK_SIZE)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
@@ -50,28 +46,12 @@ def _inject_backward_kernel(
     tl.atomic_add(grad_std_ptr + row, tl.sum(tl.where(mask, g * eps, 0.0), axis=0))
 
 
-def _check(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor) -> None:
-    if x0.dim() < 1 or x0.shape[0] == 0:
-        raise ValueError(f"x0: expected shape [B, ...] with B > 0, got {tuple(x0.shape)}")
-    for name, t in (("alpha", alpha), ("std", std)):
-        if t.shape != (x0.shape[0],):
-            raise ValueError(f"{name}: expected shape [{x0.shape[0]}], got {tuple(t.shape)}")
-        if t.device != x0.device:
-            raise ValueError(f"{name}: on {t.device}, x0 on {x0.device}")
-    if x0.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x0: dtype {x0.dtype} not supported (float32, bfloat16, float16)")
-
-
-def _grid(x0: torch.Tensor) -> tuple[int, int]:
-    return (x0.shape[0], triton.cdiv(x0[0].numel(), BLOCK))
-
-
 @torch.library.custom_op("fastratio::noise_inject", mutates_args=())
 def _noise_inject_op(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
     x0 = x0.contiguous()
     out = torch.empty_like(x0)
     if x0.numel():
-        _inject_kernel[_grid(x0)](x0, alpha.contiguous(), std.contiguous(), out, x0[0].numel(), seed, BLOCK_SIZE=BLOCK)
+        _inject_kernel[row_grid(x0, BLOCK)](x0, alpha.contiguous(), std.contiguous(), out, x0[0].numel(), seed, BLOCK_SIZE=BLOCK)
     return out
 
 
@@ -89,7 +69,7 @@ def _noise_inject_backward_op(
     grad_alpha = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
     grad_std = torch.zeros_like(grad_alpha)
     if x0.numel():
-        _inject_backward_kernel[_grid(x0)](
+        _inject_backward_kernel[row_grid(x0, BLOCK)](
             grad, x0, alpha.contiguous(), grad_x0, grad_alpha, grad_std, x0[0].numel(), seed, BLOCK_SIZE=BLOCK
         )
     return grad_x0, grad_alpha, grad_std
@@ -118,7 +98,7 @@ _noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
 
 def noise_inject(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
     """x_t = alpha[:, None] x0 + std[:, None] eps [B, ...], eps = Philox normal from (seed, element index)."""
-    _check(x0, alpha, std)
+    check_rows(x0, {"alpha": alpha, "std": std})
     return _noise_inject_op(x0, alpha, std, int(seed))
 
 

@@ -1,0 +1,39 @@
+"""Shared pieces of the per-sample ("row") kernels: a batch [B, ...] is viewed as B rows of F
+features, launched on a (B, cdiv(F, BLOCK)) grid with per-row scalars (alpha, std, logit, w)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def row_block(n_feat, BLOCK_SIZE: tl.constexpr):
+    """(row, flat element index, in-bounds mask) of this program's block."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return row, row * n_feat + cols, cols < n_feat
+
+
+def row_grid(x: torch.Tensor, block: int) -> tuple[int, int]:
+    return (x.shape[0], triton.cdiv(x[0].numel(), block))
+
+
+def check_rows(x0: torch.Tensor, per_sample: dict[str, torch.Tensor], same_shape: dict[str, torch.Tensor] | None = None) -> None:
+    """x0 [B, ...] float; each per_sample tensor [B] and each same_shape tensor like x0, all on x0's device."""
+    if x0.dim() < 1 or x0.shape[0] == 0:
+        raise ValueError(f"x0: expected shape [B, ...] with B > 0, got {tuple(x0.shape)}")
+    if x0.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x0: dtype {x0.dtype} not supported (float32, bfloat16, float16)")
+    for name, t in (same_shape or {}).items():
+        if t.shape != x0.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match x0 {tuple(x0.shape)}")
+    for name, t in per_sample.items():
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"{name}: expected shape [{x0.shape[0]}], got {tuple(t.shape)}")
+    for name, t in {**(same_shape or {}), **per_sample}.items():
+        if t.device != x0.device:
+            raise ValueError(f"{name}: on {t.device}, x0 on {x0.device}")
