@@ -1,0 +1,106 @@
+"""Time each fused kernel against its PyTorch reference, eager and torch.compile'd.
+
+    python bench/kernels.py [--batch 64] [--shape 3 32 32] [--out bench/results/kernels_<device>.json]
+
+On a GPU: triton.testing.do_bench quantiles (median, 20th, 80th percentile), and GB/s against a
+device-to-device copy of the same bytes measured in the same run. On the CPU only the references
+run (Triton needs a GPU outside the interpreter), timed with a wall clock. Prints a table and writes
+JSON rows with device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastratio.kernels.generator_surrogate import generator_surrogate, generator_surrogate_reference
+from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
+from fastratio.kernels.ratio_weighting import ratio_weighting, ratio_weighting_reference
+
+
+def _time(fn, cuda: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms."""
+    if cuda:
+        import triton
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10)
+    return statistics.median(samples), q[1], q[7]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    b, shape = args.batch, (args.batch, *args.shape)
+    x0, grad_logit = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    eps = torch.randn(shape, device=device)
+    logit, w = torch.randn(b, device=device) * 3, torch.rand(b, device=device)
+    alpha, std, label = torch.ones(b, device=device), torch.rand(b, device=device), (torch.rand(b, device=device) < 0.5).float()
+    elem = x0.element_size()
+
+    # (name, bytes moved by the fused kernel, kernel, reference)
+    cases = [
+        ("noise_inject", 2 * x0.numel() * elem, lambda: noise_inject(x0, alpha, std, 7),
+         lambda: noise_inject_reference(x0, alpha, std, torch.randn_like(x0))),
+        ("ratio_weighting", 6 * b * 4, lambda: ratio_weighting(logit, label, w, "dijs"),
+         lambda: ratio_weighting_reference(logit, label, w, "dijs")),
+        ("generator_surrogate", 2 * x0.numel() * elem, lambda: generator_surrogate(x0, grad_logit, logit, w, alpha, "dijs"),
+         lambda: generator_surrogate_reference(x0, grad_logit, logit, w, alpha, "dijs")),
+    ]
+    copy_dst = torch.empty_like(eps)
+    copy_ms = _time(lambda: copy_dst.copy_(eps), cuda)[0]
+    copy_gbs = 2 * eps.numel() * elem / copy_ms / 1e6
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "python": sys.version.split()[0], "commit": _commit(), "dtype": "float32", "shape": list(shape),
+        "copy_gb_s": copy_gbs,
+    }
+    rows = []
+    print(f"device {meta['device']}, copy {copy_gbs:.1f} GB/s")
+    print(f"{'op':<20} {'impl':<10} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8} {'vs eager':>9}")
+    for name, nbytes, kernel, reference in cases:
+        impls = {"eager": reference, "compiled": torch.compile(reference)}
+        if cuda:
+            impls["triton"] = kernel
+        eager_ms = None
+        for impl, fn in impls.items():
+            med, p20, p80 = _time(fn, cuda)
+            eager_ms = eager_ms or med
+            row = {**meta, "op": name, "impl": impl, "ms_median": med, "ms_p20": p20, "ms_p80": p80,
+                   "gb_s": nbytes / med / 1e6, "speedup_vs_eager": eager_ms / med}
+            rows.append(row)
+            print(f"{name:<20} {impl:<10} {med:>10.4f} {p20:>8.4f} {p80:>8.4f} {row['gb_s']:>8.1f} {row['speedup_vs_eager']:>8.2f}x")
+    out = args.out or Path(f"bench/results/kernels_{'gpu' if cuda else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
