@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from fastratio.estimators import gradient_bias
+from fastratio.runinfo import environment
 
 KEYS = ("ratio_theta_cosine", "vsd_theta_cosine", "ratio_x_cosine", "vsd_x_cosine")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -36,7 +27,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gradient_bias_cpu.json"))
     args = parser.parse_args()
-    meta = {"device": platform.processor() or platform.machine(), "torch": torch.__version__, "python": sys.version.split()[0], "commit": _commit()}
+    meta = environment(torch.device("cpu"))
     rows = []
     print(f"{'seed':>4} " + " ".join(f"{k:>19}" for k in KEYS))
     for seed in args.seeds:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from fastratio.kernels.generator_surrogate import generator_surrogate, generator_surrogate_reference
 from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
 from fastratio.kernels.ratio_weighting import ratio_weighting, ratio_weighting_reference
+from fastratio.runinfo import environment
 
 
 def _time(fn, cuda: bool) -> tuple[float, float, float]:
@@ -40,13 +39,6 @@ def _time(fn, cuda: bool) -> tuple[float, float, float]:
         samples.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(samples, n=10)
     return statistics.median(samples), q[1], q[7]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -76,11 +68,7 @@ def main() -> int:
     copy_dst = torch.empty_like(eps)
     copy_ms = _time(lambda: copy_dst.copy_(eps), cuda)[0]
     copy_gbs = 2 * eps.numel() * elem / copy_ms / 1e6
-    meta = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "python": sys.version.split()[0], "commit": _commit(), "dtype": "float32", "shape": list(shape),
-        "copy_gb_s": copy_gbs,
-    }
+    meta = {**environment(device), "dtype": "float32", "shape": list(shape), "copy_gb_s": copy_gbs}
     rows = []
     print(f"device {meta['device']}, copy {copy_gbs:.1f} GB/s")
     print(f"{'op':<20} {'impl':<10} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8} {'vs eager':>9}")
