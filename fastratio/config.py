@@ -24,11 +24,16 @@ class ConfigError(UserError, ValueError):
 
 
 OBJECTIVES = ("dikl", "dijs", "dirm", "lr", "kl", "be", "ls", "sba")
-METHODS = ("diffratio", "vsd", "dibregman")
+METHODS = ("diffratio", "vsd", "dibregman", "teacher")
 SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
 SCHEDULES = ("ve", "vp")
 WEIGHTINGS = ("sigma2", "none", "edm")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3")
+DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
+ARCHS = ("mlp", "ddpmpp", "adm")
+TEACHER_LOSSES = ("edm", "vp", "ve")
+PRECISIONS = ("fp32", "bf16")
+AUGMENT_DIM = 9  # EDM's augmentation-label width (its CIFAR-10 pipeline); fastratio fills xflip and translation
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -46,13 +51,18 @@ class RunConfig:
     ckpt_every: int = 500  # steps between checkpoints; at most this many steps are lost on a crash
     keep_ckpts: int = 3  # checkpoints kept on disk (newest first)
     progress: bool = True  # tqdm progress bar
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network forward passes; fp32 master weights and optimizer)
 
 
 @dataclass
 class DataConfig:
-    kind: str = "toy2d"  # data family; toy2d: closed-form 2-D Gaussian mixtures
+    kind: str = "toy2d"  # toy2d (closed-form 2-D mixtures) | cifar10 | folder | idx | npz | digits (fastratio.datasets)
     mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3
     eval_samples: int = 2000  # samples drawn for evaluation metrics
+    path: str = ""  # images: dataset file or folder (cifar-10-python.tar.gz, zip/folder, *-images-idx3-ubyte.gz, .npz)
+    split: str = "train"  # cifar10: train | test
+    max_images: int = 0  # images: keep only the first N (0: all)
+    conditional: bool = False  # images: condition every network on the class label
 
 
 @dataclass
@@ -64,7 +74,16 @@ class ModelConfig:
     ratio_depth: int = 3  # ratio-network hidden layers
     score_hidden: int = 181  # score-network width (VSD baseline; about half the ratio net each)
     score_depth: int = 3  # score-network hidden layers
-    sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning
+    sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning (images: 0.5)
+    arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet)
+    channels: int = 128  # images: UNet base channels (EDM model_channels)
+    channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])  # images: per-resolution channel multipliers
+    num_blocks: int = 4  # images: residual blocks per resolution
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # images: resolutions with self-attention
+    dropout: float = 0.13  # images: dropout of the teacher (stage 1)
+    augment_dim: int = 0  # images: 0, or 9 to condition on augmentation labels (EDM's CIFAR-10 checkpoints have 9)
+    sigma_init: float = 2.5  # images: generator g(z) = D(sigma_init z; sigma_init)
+    ratio_from_teacher: bool = True  # images: start the ratio encoder from the teacher's
 
 
 @dataclass
@@ -74,6 +93,20 @@ class MethodConfig:
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
     ratio_steps: int = 1  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
     teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str = ""  # images, stage 2: teacher file (a fastratio teacher run's ckpt-*.pt or an EDM *.pkl)
+    loss: str = "edm"  # images, stage 1 (method.name=teacher): EDM loss edm | vp | ve (sigma law and weight, EDM Table 1)
+    sample_steps: int = 18  # Heun sampler steps for teacher samples (EDM: 18 on CIFAR-10, 35 evaluations)
+
+
+@dataclass
+class AugmentConfig:
+    p: float = 0.0  # probability of each augmentation (0: off); labels are passed as conditioning (non-leaky)
+    xflip: bool = True  # horizontal flips
+    translate: float = 0.125  # integer translations up to this fraction of the size, mirrored at the border
 
 
 @dataclass
@@ -109,14 +142,21 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # Closed sets and lower bounds checked after every load; the key names the culprit in the error.
 _CHOICES = {
     "run.device": DEVICES,
     "run.kernels": KERNEL_CHOICES,
+    "run.precision": PRECISIONS,
     "data.mixture": TOY_MIXTURES,
-    "data.kind": ("toy2d",),
+    "data.kind": DATA_KINDS,
+    "data.split": ("train", "test"),
+    "model.arch": ARCHS,
+    "model.augment_dim": (0, AUGMENT_DIM),
+    "teacher.loss": TEACHER_LOSSES,
     "method.name": METHODS,
     "method.objective": OBJECTIVES,
     "noise.schedule": SCHEDULES,
@@ -129,10 +169,12 @@ _POSITIVE = (
     "model.ratio_hidden", "model.ratio_depth", "model.score_hidden", "model.score_depth",
     "model.sigma_data", "method.ratio_steps", "noise.sigma_fixed", "noise.sigma_min",
     "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
+    "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
 )
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2",
+    "data.max_images", "model.dropout", "augment.p", "augment.translate",
 )
 
 
@@ -156,6 +198,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {typ}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -208,7 +255,24 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"noise.sigma_min: {cfg.noise.sigma_min} must be below noise.sigma_max {cfg.noise.sigma_max}")
     if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):
         raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
+    _validate_images(cfg)
     return cfg
+
+
+def _validate_images(cfg: Config) -> None:
+    toy = cfg.data.kind == "toy2d"
+    if toy != (cfg.model.arch == "mlp"):
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} does not fit data.kind {cfg.data.kind!r} (toy2d uses mlp, images ddpmpp or adm)")
+    if toy and cfg.method.name == "teacher":
+        raise ConfigError("method.name: 'teacher' runs are for images; the toy teacher is fitted by method.teacher_steps")
+    if not cfg.model.channel_mult or any(m <= 0 for m in cfg.model.channel_mult):
+        raise ConfigError(f"model.channel_mult: expected positive multipliers, got {cfg.model.channel_mult}")
+    if cfg.augment.p > 1:
+        raise ConfigError(f"augment.p: a probability, got {cfg.augment.p}")
+    if cfg.augment.p > 0 and cfg.model.augment_dim != AUGMENT_DIM:
+        raise ConfigError(f"model.augment_dim: augment.p > 0 passes augmentation labels, set it to {AUGMENT_DIM}")
+    if not toy and cfg.method.name != "teacher" and not cfg.teacher.checkpoint:
+        raise ConfigError("teacher.checkpoint: image stage 2 starts from a teacher; train one (method.name=teacher) or give an EDM .pkl")
 
 
 def from_dict(data: dict) -> Config:

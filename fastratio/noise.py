@@ -57,3 +57,26 @@ def loss_weight(sigma: torch.Tensor, kind: str, sigma_data: float = 1.0) -> torc
     if kind == "edm":
         return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     raise ValueError(f"unknown loss weighting {kind!r}")
+
+
+# EDM Table 1 constants of the VP and VE training laws.
+_VP_BETA_D, _VP_BETA_MIN, _VP_EPS_T = 19.9, 0.1, 1e-5
+_VE_SIGMA_MIN, _VE_SIGMA_MAX = 0.02, 100.0
+
+
+def teacher_sigma(loss: str, n: int, generator: torch.Generator, device: torch.device, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma [n], lambda(sigma) [n]) of EDM's training losses (Table 1): edm (ln sigma ~ N(-1.2, 1.2^2),
+    lambda = (sigma^2 + sd^2)/(sigma sd)^2), vp (sigma(t), t ~ U(eps_t, 1), lambda = 1/sigma^2),
+    ve (sigma log-uniform on [0.02, 100], lambda = 1/sigma^2)."""
+    u = torch.rand(n, generator=generator, device=device)
+    if loss == "edm":
+        sigma = torch.exp(-1.2 + 1.2 * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
+        return sigma, loss_weight(sigma, "edm", sigma_data)
+    if loss == "vp":
+        t = 1 + u * (_VP_EPS_T - 1)
+        sigma = torch.sqrt(torch.exp(0.5 * _VP_BETA_D * t**2 + _VP_BETA_MIN * t) - 1)
+    elif loss == "ve":
+        sigma = _VE_SIGMA_MIN * (_VE_SIGMA_MAX / _VE_SIGMA_MIN) ** u
+    else:
+        raise ValueError(f"unknown teacher loss {loss!r}")
+    return sigma, 1 / sigma**2

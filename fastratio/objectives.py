@@ -137,3 +137,9 @@ def dsm_loss(score: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tensor, 
     """
     target = -noise / _expand(noise_std, noise)
     return weight_sigma * 0.5 * _per_sample_sum((score - target) ** 2)
+
+
+def denoiser_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: torch.Tensor) -> torch.Tensor:
+    """EDM's training loss (Karras et al. 2022, Eq. 2 / Table 1): lambda(sigma) ||D(x + n; sigma) - x||^2
+    per sample [B]; the sigma law and lambda come from ``fastratio.noise.teacher_sigma``."""
+    return weight_sigma * _per_sample_sum((denoised - clean) ** 2)

@@ -14,6 +14,11 @@ import torch
 from . import objectives
 from .config import KERNEL_CHOICES
 from .errors import UserError
+from .noise import add_noise, noise_coefficients
+
+# Seeds for the Philox noise kernel are drawn from the run's generator as device tensors, so the
+# stream is reproducible and resumable from the checkpointed generator state and never syncs.
+_SEED_BOUND = 2**62
 
 
 def use_triton(setting: str, device: torch.device) -> bool:
@@ -38,3 +43,20 @@ def classifier_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor, triton: 
     n_real = logit_real.shape[0]
     return 0.5 * (loss[:n_real].mean() + loss[n_real:].mean())
 
+
+
+def standard_normal(like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """The reference path's noise (kept as a function so a parity test can swap in Philox noise)."""
+    return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
+
+
+def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torch.Generator, triton: bool) -> torch.Tensor:
+    """x_t = alpha(sigma) x0 + std(sigma) eps (fastratio.noise.add_noise); with Triton, eps is Philox
+    noise regenerated in the backward instead of stored."""
+    if not triton:
+        return add_noise(x0, sigma, standard_normal(x0, rng), schedule)
+    from .kernels.noise_injection import noise_inject
+
+    alpha, std = noise_coefficients(sigma, schedule)
+    seed = torch.randint(0, _SEED_BOUND, (1,), generator=rng, device=x0.device)
+    return noise_inject(x0, alpha, std, seed)

@@ -1,28 +1,36 @@
 """One training iteration in eager mode: ratio (or fake-score) updates, then one generator update.
 
-The step takes its inputs (a real batch and generator latents) as tensors and draws noise levels and
-noise from its own ``torch.Generator``, so a later fused/graph-captured step can refill static input
-buffers and keep the same arithmetic. It returns 0-dim device tensors: nothing here syncs with the
-host, the loop reads metrics every ``log_every`` steps.
+The step takes its inputs (a real batch, generator latents and their class labels, None when
+unconditional) as tensors and draws noise levels and noise from its own ``torch.Generator``, so a
+later fused/graph-captured step can refill static input buffers and keep the same arithmetic. It
+returns 0-dim device tensors: nothing here syncs with the host, the loop reads metrics every
+``log_every`` steps. With ``run.precision=bf16`` network forwards run under bf16 autocast; weights,
+gradients and optimizer state stay fp32.
+
+Augmentation (``augment.p`` > 0) is applied to what the ratio network, the teacher and the fake score
+are *trained* on, with the augmentation labels as conditioning; the generator update queries them
+at zero augmentation, i.e. on the un-augmented distribution (non-leaky, EDM Appendix B.5).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import objectives, ops
+from .augment import augment
 from .config import Config
-from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma
+from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
 
 
 @dataclass
 class Networks:
     """The modules one method trains or reads; unused roles are None."""
 
-    generator: nn.Module
+    generator: nn.Module | None = None  # None only in a teacher run (method.name=teacher)
     ratio: nn.Module | None = None  # diffratio, dibregman
     teacher: nn.Module | None = None  # vsd, dibregman: frozen data score
     fake_score: nn.Module | None = None  # vsd, dibregman: score of the generator's samples
@@ -34,6 +42,20 @@ def needs_ratio(method: str) -> bool:
 
 def needs_scores(method: str) -> bool:
     return method in ("vsd", "dibregman")
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast of network forwards when run.precision=bf16, else a no-op context."""
+    if cfg.run.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_augment(x: torch.Tensor, cfg: Config, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, augmentation labels) for a network's training input; (x, None) when augmentation is off."""
+    if cfg.augment.p > 0:
+        return augment(x, cfg.augment, rng)
+    return x, None
 
 
 def draw_noised(x0: torch.Tensor, cfg: Config, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,27 +75,55 @@ def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, loss: torch.Te
 
 
 def dsm_update(
-    score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, rng: torch.Generator
+    score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, rng: torch.Generator,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising-score-matching step (Eq. 3 for the teacher on data, Eq. 4 for the fake score on
     generated samples); returns (loss, grad norm)."""
+    x0, aug = maybe_augment(x0, cfg, rng)
     x_t, sigma, eps = draw_noised(x0, cfg, rng)
     _, std = noise_coefficients(sigma, cfg.noise.schedule)
     weight = loss_weight(sigma, cfg.noise.weighting, cfg.model.sigma_data)
-    loss = objectives.dsm_loss(score_net(x_t, sigma), eps, std, weight).mean()
+    with autocast(cfg, x0.device):
+        score = score_net(x_t, sigma, labels, aug)
+    loss = objectives.dsm_loss(score.float(), eps, std, weight).mean()
     return loss.detach(), optimizer_step(score_net, opt, loss, cfg.optim.grad_clip)
 
 
+class TeacherStep:
+    """Stage 1 for images: one EDM denoiser update (loss ``teacher.loss``, EDM Eq. 2) on a real batch.
+    Same call signature as ``TrainStep``; the latents are unused."""
+
+    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator):
+        self.cfg, self.denoiser, self.opt, self.rng = cfg, nets.teacher, optimizers["teacher"], rng
+
+    def __call__(self, x_real, z=None, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x, aug = maybe_augment(x_real, cfg, self.rng)
+        sigma, weight = teacher_sigma(cfg.teacher.loss, x.shape[0], self.rng, x.device, cfg.model.sigma_data)
+        noise = torch.randn(x.shape, generator=self.rng, device=x.device)
+        with autocast(cfg, x.device):
+            denoised = self.denoiser(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels_real, aug)
+        loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
+        return {"teacher_loss": loss.detach(), "teacher_grad_norm": optimizer_step(self.denoiser, self.opt, loss, cfg.optim.grad_clip)}
+
+
 class TrainStep:
-    """Callable ``step(x_real, z) -> metrics`` implementing the configured method."""
+    """Callable ``step(x_real, z, labels_real, labels_fake) -> metrics`` implementing the configured method."""
 
     def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator):
         self.cfg, self.nets, self.opt, self.rng = cfg, nets, optimizers, rng
         self.method = cfg.method.name
-        self.triton = ops.use_triton(cfg.run.kernels, next(nets.generator.parameters()).device)
+        self.device = next(nets.generator.parameters()).device
+        self.triton = ops.use_triton(cfg.run.kernels, self.device)
 
-    def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return draw_noised(x0, self.cfg, self.rng)
+    def _autocast(self):
+        return autocast(self.cfg, self.device)
+
+    def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, sigma) for the ratio and generator updates, which never need eps itself."""
+        sigma = sample_sigma(self.cfg.noise, x0.shape[0], self.rng, x0.device).to(x0.dtype)
+        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.rng, self.triton), sigma
 
     def _weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return loss_weight(sigma, self.cfg.noise.weighting, self.cfg.model.sigma_data)
@@ -82,12 +132,16 @@ class TrainStep:
         return optimizer_step(module, self.opt[name], loss, self.cfg.optim.grad_clip)
 
     # -- auxiliary updates -----------------------------------------------------------------------
-    def ratio_update(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    def ratio_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         """Classifier step, real y=1 vs generated y=0, each noised at its own sigma."""
         ratio = self.nets.ratio
-        xt_real, sigma_real, _ = self._noised(x_real)
-        xt_fake, sigma_fake, _ = self._noised(x_fake)
-        logit_real, logit_fake = ratio(xt_real, sigma_real), ratio(xt_fake, sigma_fake)
+        x_real, aug_real = maybe_augment(x_real, self.cfg, self.rng)
+        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.rng)
+        xt_real, sigma_real = self._noised(x_real)
+        xt_fake, sigma_fake = self._noised(x_fake)
+        with self._autocast():
+            logit_real = ratio(xt_real, sigma_real, labels_real, aug_real).float()
+            logit_fake = ratio(xt_fake, sigma_fake, labels_fake, aug_fake).float()
         loss = ops.classifier_loss(logit_real, logit_fake, self.triton)
         norm = self._apply("ratio", ratio, loss)
         return {
@@ -97,75 +151,76 @@ class TrainStep:
             "ratio_grad_norm": norm,
         }
 
-    def fake_score_update(self, x_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fake_score_update(self, x_fake: torch.Tensor, labels_fake=None) -> dict[str, torch.Tensor]:
         """Denoising score matching of the generator's samples (the VSD 'fake' score, Eq. 4)."""
-        loss, norm = dsm_update(self.nets.fake_score, self.opt["fake_score"], x_fake, self.cfg, self.rng)
+        loss, norm = dsm_update(self.nets.fake_score, self.opt["fake_score"], x_fake, self.cfg, self.rng, labels_fake)
         return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
 
     # -- generator -------------------------------------------------------------------------------
-    def _ratio_logit_grad(self, x_t: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _ratio_logit_grad(self, x_t, sigma, w, labels=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Ratio logit l [B] and d l / d x_t [B, ...] (both detached), plus the logged potential."""
         cfg = self.cfg.method
         x_in = x_t.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logit = self.nets.ratio(x_in, sigma)
+        with torch.enable_grad(), self._autocast():
+            logit = self.nets.ratio(x_in, sigma, labels).float()
             # Only d l / d x_t is needed: the ratio net's parameters get no gradient here.
             (grad_logit,) = torch.autograd.grad(logit.sum(), x_in)
         logit = logit.detach()
         potential = (w * objectives.generator_potential(logit, cfg.objective, cfg.sba_lambda)).mean()
         return logit, grad_logit, {"gen_potential": potential}
 
-    def generator_direction(self, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_direction(self, x_t, sigma, labels=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x-space gradient g of the generator loss at x_t [B, ...] and diagnostics."""
         cfg = self.cfg.method
         w = self._weight(sigma)
         metrics: dict[str, torch.Tensor] = {}
         logit = None
         if needs_ratio(self.method):
-            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w)
+            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w, labels)
         if self.method == "diffratio":
             direction = objectives.ratio_direction(logit, grad_logit, w, cfg.objective, cfg.sba_lambda)
         else:
-            with torch.no_grad():
-                s_fake = self.nets.fake_score(x_t, sigma)
-                s_teacher = self.nets.teacher(x_t, sigma)
+            with torch.no_grad(), self._autocast():
+                s_fake = self.nets.fake_score(x_t, sigma, labels).float()
+                s_teacher = self.nets.teacher(x_t, sigma, labels).float()
             ratio_w = None if logit is None else objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
             direction = objectives.score_difference_direction(s_fake, s_teacher, w, ratio_w)
         metrics["gen_direction_norm"] = direction.reshape(direction.shape[0], -1).norm(dim=1).mean()
         return direction, metrics
 
-    def _fused_ratio_surrogate(self, x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _fused_ratio_surrogate(self, x0, x_t, sigma, labels=None) -> tuple[torch.Tensor, dict]:
         """Teacher-free surrogate through the fused kernel: the direction is never materialised."""
         from .kernels.generator_surrogate import generator_surrogate
 
         cfg = self.cfg.method
         w = self._weight(sigma)
-        logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w)
+        logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w, labels)
         alpha, _ = noise_coefficients(sigma, self.cfg.noise.schedule)
         scale = w * objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
         metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
         return generator_surrogate(x0, grad_logit, logit, w, alpha, cfg.objective, cfg.sba_lambda), metrics
 
-    def generator_update(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        x0 = self.nets.generator(z)
-        x_t, sigma, _ = self._noised(x0)
+    def generator_update(self, z: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            x0 = self.nets.generator(z, labels).float()
+        x_t, sigma = self._noised(x0)
         if self.triton and self.method == "diffratio":
-            per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma)
+            per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma, labels)
         else:
-            direction, metrics = self.generator_direction(x_t.detach(), sigma)
+            direction, metrics = self.generator_direction(x_t.detach(), sigma, labels)
             per_sample = objectives.surrogate_loss(direction, x_t)
         metrics["gen_grad_norm"] = self._apply("generator", self.nets.generator, per_sample.mean())
         return metrics
 
-    def __call__(self, x_real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, x_real, z, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         metrics: dict[str, torch.Tensor] = {}
         for _ in range(self.cfg.method.ratio_steps):
-            with torch.no_grad():
-                x_fake = self.nets.generator(z)
+            with torch.no_grad(), self._autocast():
+                x_fake = self.nets.generator(z, labels_fake).float()
             if needs_ratio(self.method):
-                metrics.update(self.ratio_update(x_real, x_fake))
+                metrics.update(self.ratio_update(x_real, x_fake, labels_real, labels_fake))
             if needs_scores(self.method):
-                metrics.update(self.fake_score_update(x_fake))
-        metrics.update(self.generator_update(z))
+                metrics.update(self.fake_score_update(x_fake, labels_fake))
+        metrics.update(self.generator_update(z, labels_fake))
         return metrics
 

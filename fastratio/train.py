@@ -1,7 +1,9 @@
 """Training entry point: ``python -m fastratio.train CONFIG.yaml [--set a.b=v ...] [--resume auto|PATH]``.
 
-Stage 1 (only for methods that read a teacher score) fits the teacher by denoising score matching;
-stage 2 trains the one-step generator with the configured method. The run folder holds the resolved
+Toy data: stage 1 (only for methods that read a teacher score) fits the teacher by denoising score
+matching in the same run; stage 2 trains the one-step generator with the configured method.
+Images: stage 1 is its own run (``method.name: teacher``, an EDM denoiser with EMA); stage 2 reads
+its checkpoint (or an EDM pickle) through ``teacher.checkpoint``. The run folder holds the resolved
 config, metrics.jsonl, checkpoints (state_dicts only) and sample plots.
 """
 
@@ -20,7 +22,7 @@ from .config import Config
 from .ema import EMA, ema_beta
 from .errors import UserError, run_cli
 from .runlog import JsonlLog, MetricAccumulator
-from .step import Networks, TrainStep, dsm_update, needs_scores
+from .step import Networks, TeacherStep, TrainStep, dsm_update, needs_scores
 from .tasks import build_task
 
 _ROLES = ("generator", "ratio", "teacher", "fake_score")
@@ -38,7 +40,14 @@ def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
 
 
+def trained_role(cfg: Config) -> str:
+    """The network a run trains and EMA-averages: the teacher in an image stage-1 run, else the generator."""
+    return "teacher" if cfg.method.name == "teacher" else "generator"
+
+
 def build_optimizers(nets: Networks, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    if cfg.method.name == "teacher":
+        return {"teacher": make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)}
     lrs = {"generator": cfg.optim.gen_lr, "ratio": cfg.optim.ratio_lr, "fake_score": cfg.optim.ratio_lr}
     return {name: make_adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
 
@@ -47,13 +56,14 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     """Stage 1: fit the teacher score by DSM on data; the fake score starts from it (as in VSD)."""
     opt = make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)
     for _ in tqdm(range(cfg.method.teacher_steps), desc="teacher", disable=not cfg.run.progress):
-        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng), cfg, rng)
+        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng)[0], cfg, rng)
     nets.teacher.requires_grad_(False).eval()
     nets.fake_score.load_state_dict(nets.teacher.state_dict())
 
 
-def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator) -> dict:
+def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, extras: dict) -> dict:
     return {
+        **extras,
         "step": step,
         "nimg": nimg,
         "config": config_mod.to_dict(cfg),
@@ -105,19 +115,22 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     rng = torch.Generator(device).manual_seed(cfg.run.seed)
 
     found = _find_resume(resume, run_dir) if resume is not None else None
-    if found is None and needs_scores(cfg.method.name):
+    toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
+    if found is None and toy_teacher:
         pretrain_teacher(task, nets, cfg, rng)
-    ema = EMA(nets.generator)
+    trained = getattr(nets, trained_role(cfg))
+    ema = EMA(trained)
     start, nimg = 0, 0
     if found is not None:
         path, state = found
-        if needs_scores(cfg.method.name):
+        if toy_teacher:
             nets.teacher.requires_grad_(False).eval()
         _restore(state, nets, ema, opts, rng, path)
         start, nimg = state["step"], state["nimg"]
         print(f"resumed from {path} at step {start}")
 
-    step_fn = TrainStep(cfg, nets, opts, rng)
+    step_fn = (TeacherStep if cfg.method.name == "teacher" else TrainStep)(cfg, nets, opts, rng)
+    extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None)
     acc = MetricAccumulator()
     batch = cfg.optim.batch_size
@@ -125,11 +138,11 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     t_last, n_last = time.perf_counter(), start
 
     for step in range(start + 1, cfg.run.steps + 1):
-        x_real = task.sample_real(batch, rng)
-        z = task.sample_latent(batch, rng)
-        acc.add(step_fn(x_real, z))
+        x_real, labels_real = task.sample_real(batch, rng)
+        z, labels_fake = task.sample_latent(batch, rng)
+        acc.add(step_fn(x_real, z, labels_real, labels_fake))
         nimg += batch
-        ema.update(nets.generator, ema_beta(batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
+        ema.update(trained, ema_beta(batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
         bar.update(1)
 
         last = step == cfg.run.steps
@@ -142,12 +155,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             if evaluate:
                 record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
             log.write(record)
-            aux_loss = record.get("ratio_loss", record.get("fake_dsm_loss", float("nan")))
-            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", aux_loss=f"{aux_loss:.3g}")
+            loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
+            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
         if cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
             task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
         if step % cfg.run.ckpt_every == 0 or last:
-            checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng), checkpoint.checkpoint_path(run_dir, step), cfg.run.keep_ckpts)
+            checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras), checkpoint.checkpoint_path(run_dir, step), cfg.run.keep_ckpts)
     bar.close()
     return run_dir
 

@@ -8,7 +8,8 @@ Derivation: for a batch x0 [B, F] (F = features per sample) and per-sample alpha
 so the forward writes only x_t and the backward rereads (g, x0) and recomputes eps: no [B, F] noise
 tensor is kept between them. VE is alpha = 1, std = sigma; VP passes fastratio.noise's coefficients.
 The per-sample sums are accumulated with atomic adds over feature blocks (order not deterministic on
-the GPU, at float32 rounding level).
+the GPU, at float32 rounding level). The seed is read from a one-element int64 device tensor, so a
+caller can draw it on the device (no host sync) and a captured CUDA graph sees a fresh seed per replay.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed, BLOCK_SIZE: tl.constexpr):
+def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed_ptr, BLOCK_SIZE: tl.constexpr):
     row, idx, mask = row_block(n_feat, BLOCK_SIZE)
+    seed = tl.load(seed_ptr)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
     std = tl.load(std_ptr + row).to(tl.float32)
@@ -34,9 +36,10 @@ def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed, BLOCK_SIZE
 
 @triton.jit
 def _inject_backward_kernel(
-    grad_ptr, x0_ptr, alpha_ptr, grad_x0_ptr, grad_alpha_ptr, grad_std_ptr, n_feat, seed, BLOCK_SIZE: tl.constexpr
+    grad_ptr, x0_ptr, alpha_ptr, grad_x0_ptr, grad_alpha_ptr, grad_std_ptr, n_feat, seed_ptr, BLOCK_SIZE: tl.constexpr
 ):
     row, idx, mask = row_block(n_feat, BLOCK_SIZE)
+    seed = tl.load(seed_ptr)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
@@ -47,7 +50,7 @@ def _inject_backward_kernel(
 
 
 @torch.library.custom_op("fastratio::noise_inject", mutates_args=())
-def _noise_inject_op(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
+def _noise_inject_op(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     x0 = x0.contiguous()
     out = torch.empty_like(x0)
     if x0.numel():
@@ -62,7 +65,7 @@ def _(x0, alpha, std, seed):
 
 @torch.library.custom_op("fastratio::noise_inject_backward", mutates_args=())
 def _noise_inject_backward_op(
-    grad: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, seed: int
+    grad: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad, x0 = grad.contiguous(), x0.contiguous()
     grad_x0 = torch.empty_like(x0)
@@ -83,23 +86,29 @@ def _(grad, x0, alpha, seed):
 
 def _setup_context(ctx, inputs, output):
     x0, alpha, std, seed = inputs
-    ctx.save_for_backward(x0, alpha)
-    ctx.seed, ctx.std_dtype = seed, std.dtype
+    ctx.save_for_backward(x0, alpha, seed)
+    ctx.std_dtype = std.dtype
 
 
 def _backward(ctx, grad):
-    x0, alpha = ctx.saved_tensors
-    grad_x0, grad_alpha, grad_std = _noise_inject_backward_op(grad, x0, alpha, ctx.seed)
+    x0, alpha, seed = ctx.saved_tensors
+    grad_x0, grad_alpha, grad_std = _noise_inject_backward_op(grad, x0, alpha, seed)
     return grad_x0, grad_alpha.to(alpha.dtype), grad_std.to(ctx.std_dtype), None
 
 
 _noise_inject_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def noise_inject(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
-    """x_t = alpha[:, None] x0 + std[:, None] eps [B, ...], eps = Philox normal from (seed, element index)."""
+def noise_inject(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+    """x_t = alpha[:, None] x0 + std[:, None] eps [B, ...], eps = Philox normal from (seed, element index).
+
+    ``seed``: an int, or a one-element int64 tensor on x0's device (drawn there without a host sync)."""
     check_rows(x0, {"alpha": alpha, "std": std})
-    return _noise_inject_op(x0, alpha, std, int(seed))
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([int(seed)], dtype=torch.int64, device=x0.device)
+    if seed.shape != (1,) or seed.dtype != torch.int64 or seed.device != x0.device:
+        raise ValueError(f"seed: expected a one-element int64 tensor on {x0.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+    return _noise_inject_op(x0, alpha, std, seed)
 
 
 def noise_inject_reference(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,16 @@ def test_shape_checks_name_the_argument():
         noise_inject(x0, alpha, std[:2], 0)
     with pytest.raises(ValueError, match="x0"):
         noise_inject(x0.double(), alpha, std, 0)
+    with pytest.raises(ValueError, match="seed"):
+        noise_inject(x0, alpha, std, torch.tensor([1, 2]))
+
+
+def test_device_seed_tensor_equals_int_seed():
+    x0, alpha, std = _inputs((3, 37), torch.float32)
+    assert torch.equal(noise_inject(x0, alpha, std, torch.tensor([9])), noise_inject(x0, alpha, std, 9))
 
 
 def test_opcheck():
     x0, alpha, std = _inputs((3, 37), torch.float32)
-    args = (x0.requires_grad_(True), alpha.requires_grad_(True), std.requires_grad_(True), 5)
+    args = (x0.requires_grad_(True), alpha.requires_grad_(True), std.requires_grad_(True), torch.tensor([5]))
     torch.library.opcheck(torch.ops.fastratio.noise_inject.default, args)

@@ -31,12 +31,14 @@ class MLPGenerator(nn.Module):
         self.latent_dim = latent_dim
         self.net = _mlp(latent_dim, hidden, depth, out_dim)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, class_labels=None) -> torch.Tensor:
         return self.net(z)
 
 
 class SigmaMLP(nn.Module):
-    """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio and score nets."""
+    """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio and score nets.
+    The toy task is unconditional: the class/augmentation label arguments of the image nets are
+    accepted for a common call signature and unused."""
 
     def __init__(self, dim: int, out_dim: int, hidden: int, depth: int, sigma_data: float, schedule: str, n_freq: int = 8):
         super().__init__()
@@ -46,7 +48,7 @@ class SigmaMLP(nn.Module):
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 4)
         self.net = _mlp(dim + 2 * n_freq, hidden, depth, out_dim)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
         alpha, std = noise_coefficients(sigma, self.schedule)
         c_in = torch.rsqrt((alpha * self.sigma_data) ** 2 + std**2)
         angles = (torch.log(sigma) / 4)[:, None] * self.freqs.to(x.dtype)
@@ -60,7 +62,7 @@ class MLPRatio(SigmaMLP):
     def __init__(self, dim: int, hidden: int, depth: int, sigma_data: float, schedule: str):
         super().__init__(dim, 1, hidden, depth, sigma_data, schedule)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
         return super().forward(x, sigma).squeeze(1)
 
 
@@ -70,6 +72,6 @@ class MLPScore(SigmaMLP):
     def __init__(self, dim: int, hidden: int, depth: int, sigma_data: float, schedule: str):
         super().__init__(dim, dim, hidden, depth, sigma_data, schedule)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
         _, std = noise_coefficients(sigma, self.schedule)
         return -super().forward(x, sigma) / std[:, None]

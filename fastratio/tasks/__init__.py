@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from ..config import Config
+from ..datasets import DATASET_KINDS
 from ..step import Networks
 
 
@@ -19,17 +20,20 @@ class Task(Protocol):
     def build_networks(self) -> Networks:
         """Fresh networks for the configured method (unused roles None)."""
 
-    def sample_real(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        """n training samples [n, ...] on the task's device."""
+    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n training samples [n, ...] and their one-hot labels [n, K] (None: unconditional), on the task's device."""
 
-    def sample_latent(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        """n generator inputs [n, ...] on the task's device."""
+    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n generator inputs [n, ...] and the one-hot classes to generate (None: unconditional)."""
 
-    def evaluate(self, generator: torch.nn.Module) -> dict[str, float]:
-        """Sample-quality metrics of a generator (deterministic: fixed evaluation seed)."""
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Sample-quality metrics of the trained model's EMA (deterministic: fixed evaluation seed)."""
 
-    def plot(self, generator: torch.nn.Module, path: Path) -> None:
-        """Write a picture of the generator's samples next to the data."""
+    def plot(self, model: torch.nn.Module, path: Path) -> None:
+        """Write a picture of the model's samples."""
+
+    def checkpoint_extras(self) -> dict:
+        """Plain data saved with every checkpoint (e.g. how to rebuild a network)."""
 
 
 def build_task(cfg: Config, device: torch.device) -> Task:
@@ -37,4 +41,8 @@ def build_task(cfg: Config, device: torch.device) -> Task:
         from .toy2d import Toy2DTask
 
         return Toy2DTask(cfg, device)
+    if cfg.data.kind in DATASET_KINDS:
+        from .image import ImageTask
+
+        return ImageTask(cfg, device)
     raise ValueError(f"data.kind: unknown task {cfg.data.kind!r}")

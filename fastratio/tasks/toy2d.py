@@ -34,18 +34,18 @@ class Toy2DTask:
                 setattr(nets, name, getattr(nets, name).to(self.device))
         return nets
 
-    def sample_real(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        return self.mixture_dev.sample(n, rng)
+    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
+        return self.mixture_dev.sample(n, rng), None
 
-    def sample_latent(self, n: int, rng: torch.Generator) -> torch.Tensor:
-        return torch.randn(n, self.cfg.model.latent_dim, generator=rng, device=self.device)
+    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
+        return torch.randn(n, self.cfg.model.latent_dim, generator=rng, device=self.device), None
 
     @torch.no_grad()
     def _eval_samples(self, generator: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = torch.Generator(self.device).manual_seed(_EVAL_SEED)
         n = self.cfg.data.eval_samples
-        fake = generator(self.sample_latent(n, rng)).float()
-        reference, fresh = self.sample_real(n, rng), self.sample_real(n, rng)
+        fake = generator(self.sample_latent(n, rng)[0]).float()
+        reference, fresh = self.sample_real(n, rng)[0], self.sample_real(n, rng)[0]
         return fake.cpu(), reference.cpu(), fresh.cpu()
 
     def evaluate(self, generator: torch.nn.Module) -> dict[str, float]:
@@ -58,6 +58,9 @@ class Toy2DTask:
             "modes_covered": coverage["modes_covered"],
             "high_quality": coverage["high_quality"],
         }
+
+    def checkpoint_extras(self) -> dict:
+        return {}
 
     def plot(self, generator: torch.nn.Module, path: Path) -> None:
         import matplotlib

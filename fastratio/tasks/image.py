@@ -1,0 +1,167 @@
+"""Image task: EDM networks on a real dataset held on the training device.
+
+Stage 1 (``method.name: teacher``) trains an EDM denoiser (``nets.teacher``); its checkpoints carry
+the network's constructor kwargs so stage 2 can rebuild it. Stage 2 reads ``teacher.checkpoint`` (a
+stage-1 ``ckpt-*.pt``, EMA weights, or an official EDM ``*.pkl``) and builds:
+  generator   g(z, c) = D(sigma_init z; sigma_init, c) initialised from the teacher (dropout off)
+  ratio       the encoder half of the configured UNet with a logit head, optionally started from
+              the teacher's encoder (diffratio, dibregman)
+  teacher / fake_score   the frozen teacher and a trainable copy, as scores (vsd, dibregman)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint, datasets
+from ..config import Config
+from ..edm_import import load_edm_denoiser
+from ..errors import UserError
+from ..images import save_grid, to_uint8
+from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
+from ..networks.unet import EDMPrecond, UNetBlock
+from ..sampler import heun_sample
+from ..step import Networks, needs_ratio, needs_scores
+
+_EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
+_GRID = 64  # images in a sample grid
+_MODEL_TYPES = {"ddpmpp": "SongUNet", "adm": "DhariwalUNet"}
+
+
+def network_kwargs(cfg: Config, shape: tuple[int, int, int], label_dim: int) -> dict:
+    """EDMPrecond constructor kwargs (EDM's names) for the configured architecture and data shape."""
+    channels, height, width = shape
+    if height != width:
+        raise UserError(f"data.path: images are {height}x{width}; the UNets need square images")
+    levels = len(cfg.model.channel_mult)
+    if height % (1 << (levels - 1)):
+        raise UserError(f"model.channel_mult: {levels} resolutions halve {height}x{height} to a non-integer size")
+    return {
+        "img_resolution": height, "img_channels": channels, "label_dim": label_dim, "sigma_data": cfg.model.sigma_data,
+        "model_type": _MODEL_TYPES[cfg.model.arch], "model_channels": cfg.model.channels,
+        "channel_mult": list(cfg.model.channel_mult), "num_blocks": cfg.model.num_blocks,
+        "attn_resolutions": list(cfg.model.attn_resolutions), "dropout": cfg.model.dropout, "augment_dim": cfg.model.augment_dim,
+    }
+
+
+def load_teacher(path: str, device: torch.device) -> EDMPrecond:
+    """The teacher denoiser from a stage-1 checkpoint (EMA weights) or an EDM pickle."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"teacher.checkpoint: {path} not found (train one with method.name=teacher, or give an EDM .pkl)")
+    if file.suffix == ".pkl":
+        return load_edm_denoiser(file).to(device)
+    try:
+        state = checkpoint.load(file)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
+        raise UserError(f"teacher.checkpoint: cannot read {path} ({type(err).__name__})") from None
+    if "network_kwargs" not in state:
+        raise UserError(f"teacher.checkpoint: {path} is not a teacher checkpoint (no network_kwargs; is it a stage-2 run?)")
+    net = EDMPrecond(**state["network_kwargs"])
+    try:
+        net.load_state_dict(state["ema"])
+    except RuntimeError as err:
+        raise UserError(f"teacher.checkpoint: {path} weights do not fit its own network_kwargs ({str(err).splitlines()[0]})") from None
+    net.init_kwargs = state["network_kwargs"]
+    return net.to(device)
+
+
+def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    for block in module.modules():
+        if isinstance(block, UNetBlock):
+            block.dropout = 0.0
+    return module
+
+
+class ImageTask:
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        data = datasets.load_dataset(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.max_images)
+        if cfg.data.conditional and data.labels is None:
+            raise UserError(f"data.conditional: {data.source} has no labels")
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device) if cfg.data.conditional else None
+        self.num_classes = data.num_classes if cfg.data.conditional else 0
+        self.shape = data.shape
+        self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
+
+    # -- networks --------------------------------------------------------------------------------
+    def build_networks(self) -> Networks:
+        cfg, method = self.cfg, self.cfg.method.name
+        if method == "teacher":
+            return Networks(teacher=EDMPrecond(**self.kwargs).to(self.device))
+        teacher = load_teacher(cfg.teacher.checkpoint, self.device).requires_grad_(False).eval()
+        t_kwargs = teacher.init_kwargs
+        if (t_kwargs["img_channels"], t_kwargs["img_resolution"], t_kwargs.get("label_dim", 0)) != (
+            self.shape[0], self.shape[1], self.num_classes
+        ):
+            raise UserError(
+                f"teacher.checkpoint: teacher is for {t_kwargs['img_channels']}x{t_kwargs['img_resolution']}^2 images with "
+                f"{t_kwargs.get('label_dim', 0)} classes, data are {self.shape[0]}x{self.shape[1]}^2 with {self.num_classes}"
+            )
+        generator = _without_dropout(copy.deepcopy(teacher)).requires_grad_(True).train()
+        nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init))
+        if needs_ratio(method):
+            ratio_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("img_resolution", "img_channels", "label_dim", "sigma_data")}
+            # No dropout in the ratio net: the generator update differentiates it and wants no extra noise.
+            nets.ratio = _without_dropout(
+                RatioUNet(self.shape[1], self.shape[0], self.num_classes, cfg.model.sigma_data, cfg.noise.schedule, **ratio_kwargs)
+            ).to(self.device)
+            if cfg.model.ratio_from_teacher:
+                try:
+                    nets.ratio.load_encoder(teacher)
+                except (ValueError, RuntimeError) as err:
+                    raise UserError(f"model.ratio_from_teacher: the ratio encoder differs from the teacher's ({str(err).splitlines()[0]})") from None
+        if needs_scores(method):
+            nets.teacher = DenoiserScore(teacher, cfg.noise.schedule)
+            nets.fake_score = DenoiserScore(copy.deepcopy(teacher).requires_grad_(True).train(), cfg.noise.schedule)
+        return nets
+
+    def checkpoint_extras(self) -> dict:
+        """Saved with every checkpoint: how to rebuild the trained denoiser (stage 2 reads it)."""
+        return {"network_kwargs": self.kwargs} if self.cfg.method.name == "teacher" else {}
+
+    # -- data ------------------------------------------------------------------------------------
+    def _one_hot(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if labels is None else F.one_hot(labels, self.num_classes).float()
+
+    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.randint(self.images.shape[0], (n,), generator=rng, device=self.device)
+        x = self.images[idx].float() / 127.5 - 1
+        return x, None if self.labels is None else self._one_hot(self.labels[idx])
+
+    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn((n, *self.shape), generator=rng, device=self.device)
+        if not self.num_classes:
+            return z, None
+        return z, self._one_hot(torch.randint(self.num_classes, (n,), generator=rng, device=self.device))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def samples(self, model: torch.nn.Module, n: int, seed: int = _EVAL_SEED) -> torch.Tensor:
+        """n images in [-1, 1] from fixed latents: one generator step, or the teacher's Heun sampler."""
+        rng = torch.Generator(self.device).manual_seed(seed)
+        z, labels = self.sample_latent(n, rng)
+        was_training = model.training
+        model.eval()
+        if self.cfg.method.name == "teacher":
+            out = heun_sample(model, z, labels, self.cfg.teacher.sample_steps)
+        else:
+            out = model(z, labels)
+        model.train(was_training)
+        return out.float().clamp(-1, 1)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Cheap in-loop statistics: per-channel mean/std gaps to the data (FID: fastratio.evaluate)."""
+        fake = to_uint8(self.samples(model, min(self.cfg.data.eval_samples, 256))).float()
+        real = self.images[: fake.shape[0] * 4].float()
+        mean_gap = (fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean() / 255
+        std_gap = (fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean() / 255
+        return {"pixel_mean_gap": float(mean_gap), "pixel_std_gap": float(std_gap)}
+
+    def plot(self, model: torch.nn.Module, path: Path) -> None:
+        save_grid(self.samples(model, _GRID), path, scale=max(1, 64 // self.shape[1]))

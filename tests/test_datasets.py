@@ -1,0 +1,163 @@
+"""Dataset loaders on small fixtures written in each real format (CIFAR-10 python tarball and folder,
+EDM image zip/folder with dataset.json, IDX, npz), and their one-line errors."""
+
+import functools
+import gzip
+import io
+import json
+import operator
+import os
+import pickle
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastratio.datasets import load_dataset, read_idx
+from fastratio.errors import UserError
+
+RNG = np.random.default_rng(0)
+
+
+def _cifar_batches(n=3):
+    """CIFAR-10's python batches: dicts with bytes keys, data uint8 [n, 3072] (planar RGB)."""
+    batches = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        data = RNG.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in (np.arange(n) + i) % 10]
+        batches[name] = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}
+    return batches
+
+
+def _write_cifar_tar(path, batches, payload=None):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, batch in batches.items():
+            raw = payload if (payload is not None and name == "data_batch_1") else pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def test_cifar10_tarball_and_folder(tmp_path):
+    batches = _cifar_batches()
+    _write_cifar_tar(tmp_path / "cifar-10-python.tar.gz", batches)
+    data = load_dataset("cifar10", str(tmp_path / "cifar-10-python.tar.gz"))
+    train = [batches[f"data_batch_{k}"] for k in range(1, 6)]
+    want = np.concatenate([b[b"data"] for b in train]).reshape(-1, 3, 32, 32)
+    assert data.images.shape == (15, 3, 32, 32) and np.array_equal(data.images.numpy(), want)
+    assert data.labels.tolist() == functools.reduce(operator.iadd, (b[b"labels"] for b in train), [])
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    folder = load_dataset("cifar10", str(tmp_path / "extracted"))
+    assert np.array_equal(folder.images.numpy(), want)
+    test = load_dataset("cifar10", str(tmp_path / "extracted" / "cifar-10-batches-py"), split="test")
+    assert np.array_equal(test.images.numpy(), batches["test_batch"][b"data"].reshape(-1, 3, 32, 32))
+
+
+class Evil:
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+def test_cifar10_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="data.path: .*not found; download cifar-10-python.tar.gz"):
+        load_dataset("cifar10", str(tmp_path / "nope.tar.gz"))
+    good = tmp_path / "good.tar.gz"
+    _write_cifar_tar(good, _cifar_batches())
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(UserError, match="corrupt.tar.gz: corrupt or unreadable tarball"):
+        load_dataset("cifar10", str(corrupt))
+    evil = tmp_path / "evil.tar.gz"
+    _write_cifar_tar(evil, _cifar_batches(), payload=pickle.dumps(Evil()))
+    with pytest.raises(UserError, match=r"data_batch_1: refusing to load global (posix|os)\.system"):
+        load_dataset("cifar10", str(evil))
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_folder_and_zip_with_labels(tmp_path):
+    images = RNG.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    names = [f"{i // 3:05d}/img{i:08d}.png" for i in range(5)]
+    meta = json.dumps({"labels": [[n, i % 3] for i, n in enumerate(names)]})
+    folder = tmp_path / "folder"
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        for n, arr in zip(names, images):
+            (folder / n).parent.mkdir(parents=True, exist_ok=True)
+            (folder / n).write_bytes(_png(arr))
+            z.writestr(n, _png(arr))
+        z.writestr("dataset.json", meta)
+    (folder / "dataset.json").write_text(meta)
+    for path in (folder, tmp_path / "data.zip"):
+        data = load_dataset("folder", str(path))
+        assert np.array_equal(data.images.numpy(), images.transpose(0, 3, 1, 2))
+        assert data.labels.tolist() == [0, 1, 2, 0, 1] and data.num_classes == 3
+    assert load_dataset("folder", str(folder), max_images=2).images.shape == (2, 3, 8, 8)
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    (gray / "a.png").write_bytes(_png(images[0, :, :, 0]))
+    assert load_dataset("folder", str(gray)).images.shape == (1, 1, 8, 8)
+
+
+def test_image_folder_bad_inputs(tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (mixed / "b.png").write_bytes(_png(np.zeros((9, 8, 3), np.uint8)))
+    with pytest.raises(UserError, match=r"b\.png: image shape \(3, 9, 8\) differs"):
+        load_dataset("folder", str(mixed))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: no images"):
+        load_dataset("folder", str(tmp_path / "empty"))
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    (unlabeled / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (unlabeled / "dataset.json").write_text(json.dumps({"labels": [["other.png", 0]]}))
+    with pytest.raises(UserError, match="dataset.json: no label for a.png"):
+        load_dataset("folder", str(unlabeled))
+    (unlabeled / "dataset.json").write_text(json.dumps({"labels": [["a.png", -1]]}))
+    with pytest.raises(UserError, match="labels must be non-negative"):
+        load_dataset("folder", str(unlabeled))
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="bad.zip: not a readable zip"):
+        load_dataset("folder", str(tmp_path / "bad.zip"))
+
+
+def _idx(arr, code=0x08):
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    return header + arr.tobytes()
+
+
+def test_idx_with_labels(tmp_path):
+    images = RNG.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1], dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
+    data = load_dataset("idx", str(tmp_path / "train-images-idx3-ubyte.gz"))
+    assert np.array_equal(data.images.numpy(), images[:, None]) and data.labels.tolist() == [3, 1, 4, 1]
+    assert data.num_classes == 5
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(_idx(images, code=0x0D))
+    with pytest.raises(UserError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "bad-images-idx3-ubyte")
+    (tmp_path / "short-images-idx3-ubyte").write_bytes(_idx(images)[:-10])
+    with pytest.raises(UserError, match=r"header says \(4, 28, 28\)"):
+        read_idx(tmp_path / "short-images-idx3-ubyte")
+
+
+def test_npz_layouts(tmp_path):
+    images = RNG.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nhwc.npz", images=images, labels=np.array([0, 1, 1]))
+    data = load_dataset("npz", str(tmp_path / "nhwc.npz"))
+    assert np.array_equal(data.images.numpy(), images.transpose(0, 3, 1, 2)) and data.labels.tolist() == [0, 1, 1]
+    np.savez(tmp_path / "float.npz", images=images.astype(np.float32))
+    with pytest.raises(UserError, match="'images' must be uint8"):
+        load_dataset("npz", str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "mismatch.npz", images=images, labels=np.array([0, 1]))
+    with pytest.raises(UserError, match="2 labels for 3 images"):
+        load_dataset("npz", str(tmp_path / "mismatch.npz"))

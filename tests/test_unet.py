@@ -1,0 +1,120 @@
+"""EDM-compatible networks: exact parameter layout and counts, forward equality with EDM, image roles.
+
+tests/fixtures/edm_reference.json was written once from NVlabs/edm's own networks.py (commit named
+in the file): state_dict names/shapes and parameter counts of its CIFAR-10 DDPM++ and ImageNet-64 ADM
+configs, and the outputs of two tiny EDM networks for fixed weights and inputs.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastratio.networks.image import DenoiserScore, OneStepGenerator, RatioUNet
+from fastratio.networks.unet import EDMPrecond
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "edm_reference.json").read_text())
+
+
+def _randomize(net: torch.nn.Module) -> None:
+    """The fixture's weights: randn * 0.2 from seed 1, over parameter names in sorted order."""
+    g = torch.Generator().manual_seed(1)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name in sorted(params):
+            params[name].copy_(torch.randn(params[name].shape, generator=g) * 0.2)
+
+
+def _count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["layout"]))
+def test_state_dict_layout_and_parameter_count_equal_edm(name):
+    ref = REFERENCE["layout"][name]
+    with torch.device("meta"):  # the 296M-parameter ADM costs no memory or init time on meta
+        net = EDMPrecond(**ref["kwargs"])
+    layout = {k: list(v.shape) for k, v in net.state_dict().items()}
+    assert list(layout) == list(ref["state"])  # same names in the same order
+    assert layout == ref["state"]
+    assert _count(net) == ref["parameters"]
+
+
+def test_reference_counts_are_the_papers():
+    """EDM reports DDPM++ CIFAR-10 at 55.7M and ADM ImageNet-64 at 296M parameters."""
+    assert REFERENCE["layout"]["ddpmpp_cifar10"]["parameters"] == 55_733_891
+    assert REFERENCE["layout"]["adm_imagenet64_cond"]["parameters"] == 295_899_267
+
+
+@pytest.mark.parametrize("name", ["song", "adm"])
+def test_forward_equals_edm(name):
+    ref = REFERENCE["forward"][name]
+    kwargs = ref["kwargs"]
+    net = EDMPrecond(**kwargs).eval()
+    _randomize(net)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, kwargs["img_channels"], 16, 16, generator=g)
+    augment = torch.randn(4, 9, generator=g)
+    sigma = torch.tensor([0.01, 0.5, 2.5, 80.0])
+    labels = torch.eye(3)[[0, 1, 2, 1]]
+    out = net(x, sigma, labels, augment)
+    want = torch.tensor(ref["output"]).reshape(out.shape)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+TINY = {"model_type": "SongUNet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
+
+
+def test_ratio_net_is_the_encoder_half_and_loads_the_teacher_encoder():
+    cifar = dict(REFERENCE["layout"]["ddpmpp_cifar10"]["kwargs"])
+    res, channels = cifar.pop("img_resolution"), cifar.pop("img_channels")
+    cifar.pop("label_dim")
+    with torch.device("meta"):
+        ratio, full = RatioUNet(res, channels, **cifar), EDMPrecond(res, channels, **cifar)
+    assert 0.30 < _count(ratio) / _count(full) < 0.40  # 19.6M of 55.7M for DDPM++ CIFAR-10
+
+    teacher = EDMPrecond(16, 3, label_dim=3, **TINY)
+    ratio = RatioUNet(16, 3, label_dim=3, **TINY)
+    copied = ratio.load_encoder(teacher)
+    shared = {k: v for k, v in ratio.model.state_dict().items()}
+    assert copied == len(shared)
+    for k, v in shared.items():
+        assert torch.equal(v, teacher.model.state_dict()[k]), k
+    logit = ratio(torch.randn(5, 3, 16, 16), torch.rand(5) + 0.1, torch.eye(3)[[0, 1, 2, 0, 1]])
+    assert logit.shape == (5,) and logit.dtype == torch.float32
+
+
+def test_ratio_net_refuses_a_different_teacher():
+    ratio = RatioUNet(16, 3, **TINY)
+    other = EDMPrecond(16, 3, **{**TINY, "model_channels": 32})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ratio.load_encoder(other)
+
+
+@pytest.mark.parametrize("schedule", ["ve", "vp"])
+def test_denoiser_score_is_tweedie(schedule):
+    """A denoiser that returns the clean image exactly gives the conditional score -eps/std."""
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, sigma, class_labels=None, augment_labels=None):
+            return x0
+
+    x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.0, 4.0], dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    from fastratio.noise import add_noise, noise_coefficients
+
+    x_t = add_noise(x0, sigma, eps, schedule)
+    # With D(x_t / alpha) = x0 exactly, (alpha x0 - x_t) / std^2 = -eps / std.
+    _, std = noise_coefficients(sigma, schedule)
+    got = DenoiserScore(Oracle(), schedule)(x_t, sigma)
+    torch.testing.assert_close(got, -eps / std.reshape(-1, 1, 1, 1))
+
+
+def test_one_step_generator_is_the_denoiser_at_sigma_init():
+    net = EDMPrecond(16, 3, **TINY).eval()
+    _randomize(net)
+    z = torch.randn(2, 3, 16, 16)
+    got = OneStepGenerator(net, 2.5)(z)
+    torch.testing.assert_close(got, net(2.5 * z, torch.full((2,), 2.5)))
