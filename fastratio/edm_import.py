@@ -124,12 +124,24 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> tuple[str, dict, dict
     return net.class_name, kwargs, state
 
 
+def _plain(value: Any) -> Any:
+    """Built-in types only (numpy scalars, tuples, dict subclasses converted), so the kwargs can be
+    saved in a weights_only checkpoint."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
 def load_edm_denoiser(path: str | Path, key: str = "ema") -> EDMPrecond:
     """An EDMPrecond with every tensor of the pickle's network (strict: a missing or extra one is an error)."""
     class_name, kwargs, state = read_edm_pickle(path, key)
     if class_name != "EDMPrecond":
         raise UserError(f"{path}: network is {class_name}; only EDMPrecond (EDM's own preconditioning) is supported")
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    kwargs = {str(k): _plain(v) for k, v in kwargs.items()}
     try:
         net = EDMPrecond(**kwargs)
         net.load_state_dict(state, strict=True)

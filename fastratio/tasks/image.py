@@ -59,8 +59,8 @@ def load_teacher(path: str, device: torch.device) -> EDMPrecond:
         state = checkpoint.load(file)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign file
         raise UserError(f"teacher.checkpoint: cannot read {path} ({type(err).__name__})") from None
-    if "network_kwargs" not in state:
-        raise UserError(f"teacher.checkpoint: {path} is not a teacher checkpoint (no network_kwargs; is it a stage-2 run?)")
+    if state.get("config", {}).get("method", {}).get("name") != "teacher" or "network_kwargs" not in state:
+        raise UserError(f"teacher.checkpoint: {path} is not from a teacher run (method.name=teacher)")
     net = EDMPrecond(**state["network_kwargs"])
     try:
         net.load_state_dict(state["ema"])
@@ -103,6 +103,7 @@ class ImageTask:
                 f"teacher.checkpoint: teacher is for {t_kwargs['img_channels']}x{t_kwargs['img_resolution']}^2 images with "
                 f"{t_kwargs.get('label_dim', 0)} classes, data are {self.shape[0]}x{self.shape[1]}^2 with {self.num_classes}"
             )
+        self.generator_kwargs = teacher.init_kwargs
         generator = _without_dropout(copy.deepcopy(teacher)).requires_grad_(True).train()
         nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init))
         if needs_ratio(method):
@@ -122,8 +123,11 @@ class ImageTask:
         return nets
 
     def checkpoint_extras(self) -> dict:
-        """Saved with every checkpoint: how to rebuild the trained denoiser (stage 2 reads it)."""
-        return {"network_kwargs": self.kwargs} if self.cfg.method.name == "teacher" else {}
+        """Saved with every checkpoint: how to rebuild the trained (EMA) network without the config's
+        data, for stage 2 and ``fastratio.sample``: the denoiser's kwargs (and sigma_init for a generator)."""
+        if self.cfg.method.name == "teacher":
+            return {"network_kwargs": self.kwargs}
+        return {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init}
 
     # -- data ------------------------------------------------------------------------------------
     def _one_hot(self, labels: torch.Tensor | None) -> torch.Tensor | None:
