@@ -32,10 +32,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator) -> tuple[
     labels = torch.zeros(n, AUGMENT_DIM, device=device)
     cols = torch.arange(w, device=device).expand(n, w)
     rows = torch.arange(h, device=device).expand(n, h)
-    if cfg.xflip:
-        flip = (torch.rand(n, generator=rng, device=device) < cfg.p) & (torch.rand(n, generator=rng, device=device) < 0.5)
-        cols = torch.where(flip[:, None], w - 1 - cols, cols)
-        labels[:, 0] = flip.float()
+    # The output is translate(flip(x)) as in EDM: pixel j reads flip index of the translated index.
     if cfg.translate > 0:
         on = torch.rand(n, generator=rng, device=device) < cfg.p
         frac = (torch.rand(2, n, generator=rng, device=device) * 2 - 1) * on
@@ -45,6 +42,10 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator) -> tuple[
         rows = _mirror(rows - ty[:, None], h)
         labels[:, 7] = tx / (w * cfg.translate)
         labels[:, 8] = ty / (h * cfg.translate)
+    if cfg.xflip:
+        flip = (torch.rand(n, generator=rng, device=device) < cfg.p) & (torch.rand(n, generator=rng, device=device) < 0.5)
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        labels[:, 0] = flip.float()
     c = x.shape[1]
     x = torch.gather(x, 3, cols[:, None, None, :].expand(n, c, h, w))
     x = torch.gather(x, 2, rows[:, None, :, None].expand(n, c, h, w))

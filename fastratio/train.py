@@ -21,7 +21,7 @@ from . import config as config_mod
 from .config import Config
 from .ema import EMA, ema_beta
 from .errors import UserError, run_cli
-from .runlog import JsonlLog, MetricAccumulator
+from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
 from .step import Networks, TeacherStep, TrainStep, dsm_update, needs_scores
 from .tasks import build_task
 
@@ -159,6 +159,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
         if cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
             task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+            plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
         if step % cfg.run.ckpt_every == 0 or last:
             checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras), checkpoint.checkpoint_path(run_dir, step), cfg.run.keep_ckpts)
     bar.close()

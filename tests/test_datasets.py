@@ -161,3 +161,9 @@ def test_npz_layouts(tmp_path):
     np.savez(tmp_path / "mismatch.npz", images=images, labels=np.array([0, 1]))
     with pytest.raises(UserError, match="2 labels for 3 images"):
         load_dataset("npz", str(tmp_path / "mismatch.npz"))
+
+
+def test_sklearn_digits_are_real_8x8_images():
+    data = load_dataset("digits", "")
+    assert data.images.shape == (1797, 1, 8, 8) and data.images.dtype.is_floating_point is False
+    assert data.num_classes == 10 and int(data.images.max()) == 255 and int(data.images.min()) == 0

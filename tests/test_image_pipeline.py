@@ -72,6 +72,7 @@ def test_teacher_stage_writes_checkpoints_and_heun_samples(teacher_run):
     assert state["network_kwargs"]["img_resolution"] == 28 and state["network_kwargs"]["label_dim"] == 3
     grid = Image.open(teacher_run / "samples-000000003.png")
     assert grid.size[0] > 28 * 8  # 64 samples, 8 per row, enlarged
+    assert Image.open(teacher_run / "losses.png").size[0] > 0
 
 
 @pytest.mark.parametrize("method", ["diffratio", "vsd"])

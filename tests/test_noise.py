@@ -36,3 +36,25 @@ def test_ve_and_vp_noising():
     torch.testing.assert_close(std / alpha, sigma)  # same noise-to-signal ratio as VE
     torch.testing.assert_close(loss_weight(sigma, "sigma2"), sigma**2)
     torch.testing.assert_close(loss_weight(sigma, "edm", 0.5), (sigma**2 + 0.25) / (sigma * 0.5) ** 2)
+
+
+def test_teacher_sigma_laws_are_edms_table_1():
+    from fastratio.noise import teacher_sigma
+
+    g = torch.Generator().manual_seed(0)
+    sigma, weight = teacher_sigma("edm", 200_000, g, torch.device("cpu"), sigma_data=0.5)
+    assert abs(float(sigma.log().mean()) + 1.2) < 0.01 and abs(float(sigma.log().std()) - 1.2) < 0.01
+    torch.testing.assert_close(weight, (sigma**2 + 0.25) / (sigma * 0.5) ** 2)
+    sigma, weight = teacher_sigma("ve", 200_000, g, torch.device("cpu"), sigma_data=0.5)
+    assert sigma.min() >= 0.02 and sigma.max() <= 100
+    # log-uniform: log sigma uniform on [log 0.02, log 100], mean at the midpoint
+    assert abs(float(sigma.log().mean()) - 0.5 * (math.log(0.02) + math.log(100))) < 0.02
+    torch.testing.assert_close(weight, sigma**-2)
+    sigma, weight = teacher_sigma("vp", 200_000, g, torch.device("cpu"), sigma_data=0.5)
+    # VP: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) for t ~ U(1e-5, 1)
+    t_max, t_min = 1.0, 1e-5
+    assert float(sigma.max()) <= math.sqrt(math.exp(19.9 / 2 + 0.1) - 1) + 1e-3
+    assert float(sigma.min()) >= math.sqrt(math.exp(19.9 / 2 * t_min**2 + 0.1 * t_min) - 1) - 1e-6
+    t = torch.sqrt(0.1**2 + 2 * 19.9 * torch.log1p(sigma.double() ** 2)) / 19.9 - 0.1 / 19.9  # sigma^-1(sigma)
+    assert abs(float(t.mean()) - 0.5 * (t_max + t_min)) < 0.01  # t is uniform
+    torch.testing.assert_close(weight, sigma**-2)

@@ -144,3 +144,11 @@ def test_score_difference_direction_and_dsm():
     eps_hat = torch.randn(6, 2, 3, generator=g)
     loss = objectives.dsm_loss(-eps_hat / std[:, None, None], eps, std, std**2)
     torch.testing.assert_close(loss, 0.5 * ((eps_hat - eps) ** 2).sum((1, 2)))
+
+
+def test_denoiser_loss_is_weighted_squared_error_per_sample():
+    g = torch.Generator().manual_seed(0)
+    d, x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+    want = torch.stack([w[i] * ((d[i] - x[i]) ** 2).sum() for i in range(3)])
+    torch.testing.assert_close(objectives.denoiser_loss(d, x, w), want)
