@@ -24,8 +24,8 @@ def test_flips_and_translations_match_their_labels():
     assert labels[:, 1:7].abs().sum() == 0
     for i in range(64):
         ref = x[i].flip(-1) if labels[i, 0] else x[i]
-        tx = int(round(float(labels[i, 7]) * w * 0.3))
-        ty = int(round(float(labels[i, 8]) * h * 0.3))
+        tx = round(float(labels[i, 7]) * w * 0.3)
+        ty = round(float(labels[i, 8]) * h * 0.3)
         # Pixel (r, c) of the output reads (r - ty, c - tx) of the input, mirrored at the border.
         for r in range(h):
             for c in range(w):
