@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import AUGMENT_DIM, AugmentConfig
+from .shard import SINGLE, Shard
 
 
 def _mirror(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -25,17 +26,23 @@ def _mirror(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index >= size, period - index, index)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(augmented x [N, C, H, W], labels [N, AUGMENT_DIM]) with every draw from ``rng``."""
+def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(augmented x [N, C, H, W], labels [N, AUGMENT_DIM]) with every draw from ``rng`` (this rank's
+    rows of the global draw, fastratio.shard)."""
     n, _, h, w = x.shape
     device = x.device
+
+    def rand(*lead: int) -> torch.Tensor:
+        draw = torch.rand(*lead[:-1], shard.rows(lead[-1]), generator=rng, device=device)
+        return shard.take(draw.movedim(-1, 0)).movedim(0, -1)
+
     labels = torch.zeros(n, AUGMENT_DIM, device=device)
     cols = torch.arange(w, device=device).expand(n, w)
     rows = torch.arange(h, device=device).expand(n, h)
     # The output is translate(flip(x)) as in EDM: pixel j reads flip index of the translated index.
     if cfg.translate > 0:
-        on = torch.rand(n, generator=rng, device=device) < cfg.p
-        frac = (torch.rand(2, n, generator=rng, device=device) * 2 - 1) * on
+        on = rand(n) < cfg.p
+        frac = (rand(2, n) * 2 - 1) * on
         tx = torch.round(frac[0] * w * cfg.translate).long()
         ty = torch.round(frac[1] * h * cfg.translate).long()
         cols = _mirror(cols - tx[:, None], w)
@@ -43,7 +50,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator) -> tuple[
         labels[:, 7] = tx / (w * cfg.translate)
         labels[:, 8] = ty / (h * cfg.translate)
     if cfg.xflip:
-        flip = (torch.rand(n, generator=rng, device=device) < cfg.p) & (torch.rand(n, generator=rng, device=device) < 0.5)
+        flip = (rand(n) < cfg.p) & (rand(n) < 0.5)
         cols = torch.where(flip[:, None], w - 1 - cols, cols)
         labels[:, 0] = flip.float()
     c = x.shape[1]

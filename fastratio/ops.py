@@ -15,6 +15,7 @@ from . import objectives
 from .config import KERNEL_CHOICES
 from .errors import UserError
 from .noise import add_noise, noise_coefficients
+from .shard import SINGLE, Shard
 
 # Seeds for the Philox noise kernel are drawn from the run's generator as device tensors, so the
 # stream is reproducible and resumable from the checkpointed generator state and never syncs.
@@ -50,13 +51,15 @@ def standard_normal(like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
 
 
-def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torch.Generator, triton: bool) -> torch.Tensor:
-    """x_t = alpha(sigma) x0 + std(sigma) eps (fastratio.noise.add_noise); with Triton, eps is Philox
-    noise regenerated in the backward instead of stored."""
+def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torch.Generator, triton: bool, shard: Shard = SINGLE) -> torch.Tensor:
+    """x_t = alpha(sigma) x0 + std(sigma) eps (fastratio.noise.add_noise), eps being this rank's rows of
+    the global batch's noise (fastratio.shard); with Triton, eps is Philox noise regenerated in the
+    backward instead of stored, and the rank's rows are an index offset, not a bigger draw."""
     if not triton:
-        return add_noise(x0, sigma, standard_normal(x0, rng), schedule)
+        global_eps = standard_normal(x0.new_empty((shard.rows(x0.shape[0]), *x0.shape[1:])), rng)
+        return add_noise(x0, sigma, shard.take(global_eps), schedule)
     from .kernels.noise_injection import noise_inject
 
     alpha, std = noise_coefficients(sigma, schedule)
     seed = torch.randint(0, _SEED_BOUND, (1,), generator=rng, device=x0.device)
-    return noise_inject(x0, alpha, std, seed)
+    return noise_inject(x0, alpha, std, seed, row_offset=shard.row_offset(x0.shape[0]))

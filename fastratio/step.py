@@ -24,6 +24,7 @@ from . import objectives, ops
 from .augment import augment
 from .config import Config
 from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
+from .shard import SINGLE, Shard
 
 
 @dataclass
@@ -51,18 +52,27 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def maybe_augment(x: torch.Tensor, cfg: Config, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def maybe_augment(x: torch.Tensor, cfg: Config, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, augmentation labels) for a network's training input; (x, None) when augmentation is off."""
     if cfg.augment.p > 0:
-        return augment(x, cfg.augment, rng)
+        return augment(x, cfg.augment, rng, shard)
     return x, None
 
 
-def draw_noised(x0: torch.Tensor, cfg: Config, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_sigma(cfg: Config, x0: torch.Tensor, rng: torch.Generator, shard: Shard = SINGLE) -> torch.Tensor:
+    """One noise level per row of x0 (this rank's rows of the global draw)."""
+    return shard.take(sample_sigma(cfg.noise, shard.rows(x0.shape[0]), rng, x0.device)).to(x0.dtype)
+
+
+def draw_noised(x0: torch.Tensor, cfg: Config, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, sigma, eps): a noise level per sample and the forward-noised batch."""
-    sigma = sample_sigma(cfg.noise, x0.shape[0], rng, x0.device).to(x0.dtype)
-    eps = torch.randn(x0.shape, generator=rng, device=x0.device, dtype=x0.dtype)
+    sigma = draw_sigma(cfg, x0, rng, shard)
+    eps = shard.take(torch.randn((shard.rows(x0.shape[0]), *x0.shape[1:]), generator=rng, device=x0.device, dtype=x0.dtype))
     return add_noise(x0, sigma, eps, cfg.noise.schedule), sigma, eps
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None else torch.cat([a, b])
 
 
 def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
@@ -76,12 +86,12 @@ def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, loss: torch.Te
 
 def dsm_update(
     score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, rng: torch.Generator,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None, shard: Shard = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising-score-matching step (Eq. 3 for the teacher on data, Eq. 4 for the fake score on
-    generated samples); returns (loss, grad norm)."""
-    x0, aug = maybe_augment(x0, cfg, rng)
-    x_t, sigma, eps = draw_noised(x0, cfg, rng)
+    generated samples); returns (loss, grad norm). ``score_net`` may be a DDP wrapper."""
+    x0, aug = maybe_augment(x0, cfg, rng, shard)
+    x_t, sigma, eps = draw_noised(x0, cfg, rng, shard)
     _, std = noise_coefficients(sigma, cfg.noise.schedule)
     weight = loss_weight(sigma, cfg.noise.weighting, cfg.model.sigma_data)
     with autocast(cfg, x0.device):
@@ -94,14 +104,17 @@ class TeacherStep:
     """Stage 1 for images: one EDM denoiser update (loss ``teacher.loss``, EDM Eq. 2) on a real batch.
     Same call signature as ``TrainStep``; the latents are unused."""
 
-    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator):
-        self.cfg, self.denoiser, self.opt, self.rng = cfg, nets.teacher, optimizers["teacher"], rng
+    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator,
+                 shard: Shard = SINGLE, wrapped: dict[str, nn.Module] | None = None):
+        self.cfg, self.opt, self.rng, self.shard = cfg, optimizers["teacher"], rng, shard
+        self.denoiser = (wrapped or {}).get("teacher", nets.teacher)
 
     def __call__(self, x_real, z=None, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        x, aug = maybe_augment(x_real, cfg, self.rng)
-        sigma, weight = teacher_sigma(cfg.teacher.loss, x.shape[0], self.rng, x.device, cfg.model.sigma_data)
-        noise = torch.randn(x.shape, generator=self.rng, device=x.device)
+        cfg, shard = self.cfg, self.shard
+        x, aug = maybe_augment(x_real, cfg, self.rng, shard)
+        n = shard.rows(x.shape[0])
+        sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.rng, x.device, cfg.model.sigma_data))
+        noise = shard.take(torch.randn((n, *x.shape[1:]), generator=self.rng, device=x.device))
         with autocast(cfg, x.device):
             denoised = self.denoiser(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels_real, aug)
         loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
@@ -111,8 +124,13 @@ class TeacherStep:
 class TrainStep:
     """Callable ``step(x_real, z, labels_real, labels_fake) -> metrics`` implementing the configured method."""
 
-    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator):
-        self.cfg, self.nets, self.opt, self.rng = cfg, nets, optimizers, rng
+    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator,
+                 shard: Shard = SINGLE, wrapped: dict[str, nn.Module] | None = None):
+        self.cfg, self.nets, self.opt, self.rng, self.shard = cfg, nets, optimizers, rng, shard
+        # Forwards whose parameter gradients are all-reduced go through the DDP wrappers; the ratio
+        # net's input-gradient query in the generator update uses the bare module (no parameter
+        # gradient, so no reduction may be pending there).
+        self.wrapped = {name: (wrapped or {}).get(name, getattr(nets, name)) for name in ("generator", "ratio", "fake_score")}
         self.method = cfg.method.name
         self.device = next(nets.generator.parameters()).device
         self.triton = ops.use_triton(cfg.run.kernels, self.device)
@@ -122,8 +140,8 @@ class TrainStep:
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, sigma) for the ratio and generator updates, which never need eps itself."""
-        sigma = sample_sigma(self.cfg.noise, x0.shape[0], self.rng, x0.device).to(x0.dtype)
-        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.rng, self.triton), sigma
+        sigma = draw_sigma(self.cfg, x0, self.rng, self.shard)
+        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.rng, self.triton, self.shard), sigma
 
     def _weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return loss_weight(sigma, self.cfg.noise.weighting, self.cfg.model.sigma_data)
@@ -133,17 +151,20 @@ class TrainStep:
 
     # -- auxiliary updates -----------------------------------------------------------------------
     def ratio_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
-        """Classifier step, real y=1 vs generated y=0, each noised at its own sigma."""
-        ratio = self.nets.ratio
-        x_real, aug_real = maybe_augment(x_real, self.cfg, self.rng)
-        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.rng)
+        """Classifier step, real y=1 vs generated y=0, each noised at its own sigma; both halves go
+        through one forward (one DDP reduction, one launch per layer)."""
+        x_real, aug_real = maybe_augment(x_real, self.cfg, self.rng, self.shard)
+        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.rng, self.shard)
         xt_real, sigma_real = self._noised(x_real)
         xt_fake, sigma_fake = self._noised(x_fake)
         with self._autocast():
-            logit_real = ratio(xt_real, sigma_real, labels_real, aug_real).float()
-            logit_fake = ratio(xt_fake, sigma_fake, labels_fake, aug_fake).float()
+            logit = self.wrapped["ratio"](
+                torch.cat([xt_real, xt_fake]), torch.cat([sigma_real, sigma_fake]),
+                _cat(labels_real, labels_fake), _cat(aug_real, aug_fake),
+            ).float()
+        logit_real, logit_fake = logit.split([x_real.shape[0], x_fake.shape[0]])
         loss = ops.classifier_loss(logit_real, logit_fake, self.triton)
-        norm = self._apply("ratio", ratio, loss)
+        norm = self._apply("ratio", self.nets.ratio, loss)
         return {
             "ratio_loss": loss.detach(),
             "ratio_acc_real": (logit_real.detach() > 0).float().mean(),
@@ -153,7 +174,7 @@ class TrainStep:
 
     def fake_score_update(self, x_fake: torch.Tensor, labels_fake=None) -> dict[str, torch.Tensor]:
         """Denoising score matching of the generator's samples (the VSD 'fake' score, Eq. 4)."""
-        loss, norm = dsm_update(self.nets.fake_score, self.opt["fake_score"], x_fake, self.cfg, self.rng, labels_fake)
+        loss, norm = dsm_update(self.wrapped["fake_score"], self.opt["fake_score"], x_fake, self.cfg, self.rng, labels_fake, self.shard)
         return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
 
     # -- generator -------------------------------------------------------------------------------
@@ -202,7 +223,7 @@ class TrainStep:
 
     def generator_update(self, z: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
         with self._autocast():
-            x0 = self.nets.generator(z, labels).float()
+            x0 = self.wrapped["generator"](z, labels).float()
         x_t, sigma = self._noised(x0)
         if self.triton and self.method == "diffratio":
             per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma, labels)

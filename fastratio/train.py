@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from . import config as config_mod
 from .config import Config
 from .ema import EMA, ema_beta
 from .errors import UserError, run_cli
+from .guard import DivergenceWatch, StopRequest
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
+from .shard import Shard
 from .step import Networks, TeacherStep, TrainStep, dsm_update, needs_scores
 from .tasks import build_task
 
@@ -100,19 +102,32 @@ def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict] | None:
 
 
 def train(cfg: Config, resume: str | None = None) -> Path:
-    """Run (or continue) training; returns the run folder."""
+    """Run (or continue) training; returns the run folder. Under torchrun, data parallel over ranks."""
+    ctx = distributed.setup(cfg.run.device, resolve_device)
+    try:
+        return _train(cfg, resume, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     run_dir = Path(cfg.run.out_dir)
     if resume is None and checkpoint.list_checkpoints(run_dir):
         raise UserError(f"run.out_dir: {run_dir} already holds checkpoints; pass --resume auto or choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    global_batch = cfg.optim.batch_size
+    if global_batch % ctx.world:
+        raise UserError(f"optim.batch_size: {global_batch} (the global batch) is not divisible by the {ctx.world} ranks")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
 
-    device = resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
+    device = ctx.device
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     task = build_task(cfg, device)
     nets = task.build_networks()
     opts = build_optimizers(nets, cfg)
-    rng = torch.Generator(device).manual_seed(cfg.run.seed)
+    rng = torch.Generator(device).manual_seed(cfg.run.seed)  # the shared stream (fastratio.shard)
+    shard = Shard(ctx.rank, ctx.world)
 
     found = _find_resume(resume, run_dir) if resume is not None else None
     toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
@@ -121,49 +136,77 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     trained = getattr(nets, trained_role(cfg))
     ema = EMA(trained)
     start, nimg = 0, 0
+    last_good = "none yet"
     if found is not None:
         path, state = found
         if toy_teacher:
             nets.teacher.requires_grad_(False).eval()
         _restore(state, nets, ema, opts, rng, path)
-        start, nimg = state["step"], state["nimg"]
-        print(f"resumed from {path} at step {start}")
+        start, nimg, last_good = state["step"], state["nimg"], str(path)
+        if ctx.is_main:
+            print(f"resumed from {path} at step {start}")
+    torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)  # dropout masks: per rank, fresh after resume
 
-    step_fn = (TeacherStep if cfg.method.name == "teacher" else TrainStep)(cfg, nets, opts, rng)
+    wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
+    step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
+    step_fn = step_cls(cfg, nets, opts, rng, shard, wrapped)
     extras = task.checkpoint_extras()
-    log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None)
+    log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     acc = MetricAccumulator()
-    batch = cfg.optim.batch_size
-    bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not cfg.run.progress)
+    watch = DivergenceWatch(device)
+    params = [p for name in opts for p in getattr(nets, name).parameters()]
+    bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not (cfg.run.progress and ctx.is_main))
     t_last, n_last = time.perf_counter(), start
 
-    for step in range(start + 1, cfg.run.steps + 1):
-        x_real, labels_real = task.sample_real(batch, rng)
-        z, labels_fake = task.sample_latent(batch, rng)
-        acc.add(step_fn(x_real, z, labels_real, labels_fake))
-        nimg += batch
-        ema.update(trained, ema_beta(batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
-        bar.update(1)
+    with StopRequest() as stop:
+        for step in range(start + 1, cfg.run.steps + 1):
+            x_real, labels_real = (_take(shard, t) for t in task.sample_real(global_batch, rng))
+            z, labels_fake = (_take(shard, t) for t in task.sample_latent(global_batch, rng))
+            metrics = step_fn(x_real, z, labels_real, labels_fake)
+            watch.update(metrics, step)
+            acc.add(metrics)
+            nimg += global_batch
+            ema.update(trained, ema_beta(global_batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
+            bar.update(1)
 
-        last = step == cfg.run.steps
-        evaluate = step % cfg.run.eval_every == 0 or last
-        if step % cfg.run.log_every == 0 or evaluate:
-            now = time.perf_counter()
-            record = {"step": step, "kimg": nimg / 1000, **acc.pop_means()}
-            record["images_per_s"] = batch * (step - n_last) / max(now - t_last, 1e-9)
-            t_last, n_last = now, step
-            if evaluate:
-                record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
-            log.write(record)
-            loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
-            bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
-        if cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
-            task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
-            plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
-        if step % cfg.run.ckpt_every == 0 or last:
-            checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras), checkpoint.checkpoint_path(run_dir, step), cfg.run.keep_ckpts)
+            last = step == cfg.run.steps
+            evaluate = step % cfg.run.eval_every == 0 or last
+            log_now = step % cfg.run.log_every == 0 or evaluate
+            # One rank's signal stops all; ranks agree on log steps (one tiny all-reduce there).
+            stopping = distributed.any_rank(stop.requested, ctx) if (log_now or ctx.world == 1) else False
+            if log_now:
+                now = time.perf_counter()
+                means = distributed.mean_over_ranks(acc.pop_means(), ctx)
+                watch.check(step, params, last_good, means)
+                record = {"step": step, "kimg": nimg / 1000, **means}
+                record["images_per_s"] = global_batch * (step - n_last) / max(now - t_last, 1e-9)
+                t_last, n_last = now, step
+                if ctx.is_main:
+                    if evaluate:
+                        record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
+                    log.write(record)
+                    loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
+                    bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
+            if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
+                task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+                plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
+            if step % cfg.run.ckpt_every == 0 or last or stopping:
+                watch.check(step, params, last_good)  # never write a diverged state
+                path = checkpoint.checkpoint_path(run_dir, step)
+                if ctx.is_main:
+                    checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras), path, cfg.run.keep_ckpts)
+                distributed.barrier(ctx)
+                last_good = str(path)
+            if stopping:
+                if ctx.is_main:
+                    print(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint {last_good}")
+                break
     bar.close()
     return run_dir
+
+
+def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else shard.take(t)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,5 +73,21 @@ def test_device_seed_tensor_equals_int_seed():
 
 def test_opcheck():
     x0, alpha, std = _inputs((3, 37), torch.float32)
-    args = (x0.requires_grad_(True), alpha.requires_grad_(True), std.requires_grad_(True), torch.tensor([5]))
+    args = (x0.requires_grad_(True), alpha.requires_grad_(True), std.requires_grad_(True), torch.tensor([5]), 2)
     torch.library.opcheck(torch.ops.fastratio.noise_inject.default, args)
+
+
+def test_row_offset_gives_the_rows_of_a_larger_batch():
+    """A data-parallel rank with row_offset r gets rows [r, r + B) of the global batch's noise."""
+    x0, alpha, std = _inputs((6, 37), torch.float32)
+    full = noise_inject(x0, alpha, std, 3)
+    for start in (0, 2, 4):
+        part = noise_inject(x0[start : start + 2], alpha[start : start + 2], std[start : start + 2], 3, row_offset=start)
+        assert torch.equal(part, full[start : start + 2])
+    upstream = torch.randn(2, 37)
+    leaves = [t[4:6].clone().requires_grad_(True) for t in (x0, alpha, std)]
+    got = torch.autograd.grad(noise_inject(*leaves, 3, row_offset=4), leaves, upstream)
+    full_leaves = [t.clone().requires_grad_(True) for t in (x0, alpha, std)]
+    want = torch.autograd.grad(noise_inject(*full_leaves, 3), full_leaves, torch.cat([torch.zeros(4, 37), upstream]))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b[4:6])
