@@ -100,7 +100,7 @@ def load_cifar10(path: Path, split: str) -> ImageData:
                         raise UserError(f"{path}: no {name} inside (is this cifar-10-python.tar.gz?)")
                     members[name] = tar.extractfile(by_name[name]).read()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise UserError(f"{path}: corrupt or unreadable tarball ({type(err).__name__}: {err})") from None
+            raise UserError(f"{path}: corrupt or unreadable tarball ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     parts = [_cifar_batch(raw, f"{path}:{name}") for name, raw in members.items()]
     return _finish(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), str(path))
 

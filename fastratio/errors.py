@@ -18,5 +18,6 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except UserError as err:
         if "--debug" in args:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # One line whatever the message holds (library errors quoted inside can span several).
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
