@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -140,8 +141,6 @@ def test_bad_input_gives_one_line_naming_the_culprit(files, capsys, monkeypatch,
     assert run_cli(train_main, argv(files)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    import re
-
     assert re.search(culprit, err[0]), err[0]
 
 
@@ -161,7 +160,7 @@ def test_sample_cli_errors(files, capsys):
 def test_real_cli_exit_status_and_debug_traceback(files):
     """Through the real entry point: status 2, one stderr line; --debug shows the traceback."""
     argv = [sys.executable, "-m", "fastratio.train", TOY, "--set", "optim.batch_size=-1"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: optim.batch_size: must be > 0, got -1"
-    proc = subprocess.run([*argv, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*argv, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
