@@ -33,6 +33,7 @@ DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
 ARCHS = ("mlp", "ddpmpp", "adm")
 TEACHER_LOSSES = ("edm", "vp", "ve")
 PRECISIONS = ("fp32", "bf16")
+STEP_MODES = ("eager", "compile", "graph")
 AUGMENT_DIM = 9  # EDM's augmentation-label width (its CIFAR-10 pipeline); fastratio fills xflip and translation
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -92,6 +93,7 @@ class MethodConfig:
     objective: str = "dijs"  # generator weight: dikl | dijs | dirm | lr | kl | be | ls | sba
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
     ratio_steps: int = 1  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
 
 
@@ -122,6 +124,12 @@ class NoiseConfig:
 
 
 @dataclass
+class StepConfig:
+    mode: str = "eager"  # eager | compile (networks under torch.compile, fullgraph) | graph (whole step as one CUDA graph; CUDA, one process)
+    warmup_steps: int = 3  # graph: eager steps run before capture (allocations, autotuning); they are real training steps
+
+
+@dataclass
 class OptimConfig:
     batch_size: int = 256  # samples per step, real and generated alike
     gen_lr: float = 1e-3  # generator Adam learning rate
@@ -144,6 +152,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    step: StepConfig = field(default_factory=StepConfig)
 
 
 # Closed sets and lower bounds checked after every load; the key names the culprit in the error.
@@ -157,6 +166,7 @@ _CHOICES = {
     "model.arch": ARCHS,
     "model.augment_dim": (0, AUGMENT_DIM),
     "teacher.loss": TEACHER_LOSSES,
+    "step.mode": STEP_MODES,
     "method.name": METHODS,
     "method.objective": OBJECTIVES,
     "noise.schedule": SCHEDULES,
@@ -174,7 +184,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2",
-    "data.max_images", "model.dropout", "augment.p", "augment.translate",
+    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "step.warmup_steps",
 )
 
 

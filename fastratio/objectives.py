@@ -143,3 +143,9 @@ def denoiser_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: tor
     """EDM's training loss (Karras et al. 2022, Eq. 2 / Table 1): lambda(sigma) ||D(x + n; sigma) - x||^2
     per sample [B]; the sigma law and lambda come from ``fastratio.noise.teacher_sigma``."""
     return weight_sigma * _per_sample_sum((denoised - clean) ** 2)
+
+
+def r1_penalty(grad_real: torch.Tensor) -> torch.Tensor:
+    """R1 gradient penalty ||grad_x l(x)||^2 per real sample [B] (Mescheder et al. 2018, Eq. 9); the
+    caller scales it by gamma/2 and differentiates through it (double backward)."""
+    return _per_sample_sum(grad_real**2)

@@ -71,6 +71,16 @@ def draw_noised(x0: torch.Tensor, cfg: Config, rng: torch.Generator, shard: Shar
     return add_noise(x0, sigma, eps, cfg.noise.schedule), sigma, eps
 
 
+def _attention_for(double_backward: bool):
+    """The math SDPA backend when a double backward (R1) runs: the fused attention kernels have no
+    second derivative."""
+    if double_backward:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None else torch.cat([a, b])
 
@@ -157,16 +167,26 @@ class TrainStep:
         x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.rng, self.shard)
         xt_real, sigma_real = self._noised(x_real)
         xt_fake, sigma_fake = self._noised(x_fake)
-        with self._autocast():
+        gamma = self.cfg.method.r1_gamma
+        if gamma > 0:
+            xt_real = xt_real.detach().requires_grad_(True)
+        with self._autocast(), _attention_for(gamma > 0):
             logit = self.wrapped["ratio"](
                 torch.cat([xt_real, xt_fake]), torch.cat([sigma_real, sigma_fake]),
                 _cat(labels_real, labels_fake), _cat(aug_real, aug_fake),
             ).float()
-        logit_real, logit_fake = logit.split([x_real.shape[0], x_fake.shape[0]])
-        loss = ops.classifier_loss(logit_real, logit_fake, self.triton)
+            logit_real, logit_fake = logit.split([x_real.shape[0], x_fake.shape[0]])
+            classifier = loss = ops.classifier_loss(logit_real, logit_fake, self.triton)
+            extra = {}
+            if gamma > 0:
+                (grad_real,) = torch.autograd.grad(logit_real.sum(), xt_real, create_graph=True)
+                r1 = objectives.r1_penalty(grad_real.float()).mean()
+                loss = loss + 0.5 * gamma * r1
+                extra["ratio_r1"] = r1.detach()
         norm = self._apply("ratio", self.nets.ratio, loss)
         return {
-            "ratio_loss": loss.detach(),
+            **extra,
+            "ratio_loss": classifier.detach(),
             "ratio_acc_real": (logit_real.detach() > 0).float().mean(),
             "ratio_acc_fake": (logit_fake.detach() < 0).float().mean(),
             "ratio_grad_norm": norm,

@@ -23,6 +23,7 @@ from .ema import EMA, ema_beta
 from .errors import UserError, run_cli
 from .guard import DivergenceWatch, StopRequest
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
+from .runner import StepRunner
 from .shard import Shard
 from .step import Networks, TeacherStep, TrainStep, dsm_update, needs_scores
 from .tasks import build_task
@@ -39,7 +40,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    # graph mode replays Adam inside a CUDA graph: its step counters must live on the device.
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=cfg.step.mode == "graph")
 
 
 def trained_role(cfg: Config) -> str:
@@ -150,6 +152,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, rng, shard, wrapped)
+    runner = StepRunner(cfg, task, nets, step_fn, rng, shard, device)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     acc = MetricAccumulator()
@@ -160,9 +163,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
 
     with StopRequest() as stop:
         for step in range(start + 1, cfg.run.steps + 1):
-            x_real, labels_real = (_take(shard, t) for t in task.sample_real(global_batch, rng))
-            z, labels_fake = (_take(shard, t) for t in task.sample_latent(global_batch, rng))
-            metrics = step_fn(x_real, z, labels_real, labels_fake)
+            metrics = runner()
             watch.update(metrics, step)
             acc.add(metrics)
             nimg += global_batch
@@ -203,10 +204,6 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
                 break
     bar.close()
     return run_dir
-
-
-def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else shard.take(t)
 
 
 def main(argv: list[str] | None = None) -> int:

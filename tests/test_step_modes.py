@@ -1,0 +1,70 @@
+"""step.mode: compile gives the eager numbers, compiles once (no recompiles across steps, no graph
+break: fullgraph=True), graph mode refuses without CUDA; R1 penalty through a double backward."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastratio import checkpoint, config, objectives
+from fastratio.errors import UserError
+from fastratio.runlog import read_jsonl
+from fastratio.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "run.progress=false", "run.log_every=1", "run.eval_every=100", "run.plot_every=0", "run.ckpt_every=4",
+    "run.steps=4", "optim.batch_size=32", "model.gen_hidden=32", "model.ratio_hidden=32", "run.kernels=torch",
+    "run.device=cpu", "model.score_hidden=24", "method.teacher_steps=3",
+]
+
+
+def _cfg(out, *overrides):
+    return config.load(ROOT / "configs" / "toy2d.yaml", [*SMALL, f"run.out_dir={out}", *overrides])
+
+
+@pytest.mark.parametrize("method", ["diffratio", "vsd"])
+def test_compile_mode_matches_eager_and_never_recompiles(tmp_path, method, monkeypatch):
+    eager = train(_cfg(tmp_path / "eager", f"method.name={method}"))
+    torch._dynamo.reset()
+    calls = {"n": 0}
+    from fastratio import runner as runner_mod
+
+    original = runner_mod.StepRunner.__call__
+
+    def no_recompile_after_first(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # every graph exists after step 1 (grad and no-grad variants included)
+            torch.compiler.set_stance("fail_on_recompile")
+        return original(self)
+
+    monkeypatch.setattr(runner_mod.StepRunner, "__call__", no_recompile_after_first)
+    try:
+        compiled = train(_cfg(tmp_path / "compile", f"method.name={method}", "step.mode=compile"))
+    finally:
+        torch.compiler.set_stance("default")
+    assert calls["n"] == 4
+    for a, b in zip(read_jsonl(eager / "metrics.jsonl"), read_jsonl(compiled / "metrics.jsonl")):
+        for key in a:
+            if key.endswith(("_loss", "_norm", "_potential")):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    wa, wb = (checkpoint.load(checkpoint.list_checkpoints(r)[-1])["nets"]["generator"] for r in (eager, compiled))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+def test_graph_mode_needs_cuda(tmp_path):
+    with pytest.raises(UserError, match="step.mode: 'graph' captures a CUDA graph and needs a CUDA device"):
+        train(_cfg(tmp_path, "step.mode=graph"))
+
+
+def test_r1_penalty_is_the_squared_input_gradient_and_trains(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    logit = (x * w).sum(1) + (x**2).sum(1)
+    (grad,) = torch.autograd.grad(logit.sum(), x, create_graph=True)
+    torch.testing.assert_close(objectives.r1_penalty(grad), ((w + 2 * x) ** 2).sum(1))
+    run = train(_cfg(tmp_path, "method.r1_gamma=0.5"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all(r["ratio_r1"] > 0 for r in rows)
