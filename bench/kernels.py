@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from fastratio.kernels.generator_surrogate import generator_surrogate, generator
 from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
 from fastratio.kernels.ratio_weighting import ratio_weighting, ratio_weighting_reference
 from fastratio.runinfo import environment
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import quantiles_ms
 
 
 def _time(fn, cuda: bool) -> tuple[float, float, float]:
@@ -37,8 +40,7 @@ def _time(fn, cuda: bool) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return statistics.median(samples), q[1], q[7]
+    return quantiles_ms(samples)
 
 
 def main() -> int:
