@@ -42,8 +42,8 @@ from timing import quantiles_ms
 
 SIZES = {
     # DDPM++ as in EDM's CIFAR-10 config (55.7M-parameter teacher/generator, 19.6M ratio net)
-    "cifar10": dict(shape=(3, 32, 32), batch=64, model=dict(channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])),
-    "tiny": dict(shape=(1, 8, 8), batch=8, model=dict(channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])),
+    "cifar10": {"shape": (3, 32, 32), "batch": 64, "model": {"channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16]}},
+    "tiny": {"shape": (1, 8, 8), "batch": 8, "model": {"channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4]}},
 }
 
 
