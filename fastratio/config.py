@@ -140,6 +140,7 @@ class OptimConfig:
     grad_clip: float = 0.0  # max global grad norm per network (0: off)
     ema_halflife_kimg: float = 20.0  # EMA half-life of the generator, thousands of images
     ema_rampup: float = 0.05  # half-life at most this fraction of images seen so far (0: off)
+    ratio_ema_halflife_kimg: float = 20.0  # EMA of the ratio net, read by the best-of-N verifier (fastratio.verifier)
 
 
 @dataclass
@@ -183,7 +184,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
-    "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2",
+    "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
     "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "step.warmup_steps",
 )
 

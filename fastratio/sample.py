@@ -1,7 +1,9 @@
 """Sample grid from a checkpoint: ``python -m fastratio.sample CKPT [--n 64] [--out grid.png]``.
 
 Uses the checkpoint's EMA weights: one generator step for a stage-2 run, EDM's Heun sampler for a
-teacher run (``--steps``). Image runs only (toy runs write their own scatter plots).
+teacher run (``--steps``). ``--best-of N`` draws N one-step candidates per image in one batched pass
+and keeps the one the run's ratio network (its EMA) scores as most real (fastratio.verifier).
+Image runs only (toy runs write their own scatter plots).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import torch
 from . import checkpoint
 from .errors import UserError, run_cli
 from .images import save_grid
-from .networks.image import OneStepGenerator
+from .networks.image import OneStepGenerator, RatioUNet
 from .networks.unet import EDMPrecond
 from .sampler import heun_sample
 from .train import resolve_device
+from .verifier import DEFAULT_SIGMAS, best_of_n, realness
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(EMA model in eval mode, checkpoint's config dict) of an image run's checkpoint."""
+    """(EMA model in eval mode, the checkpoint) of an image run's checkpoint."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
@@ -36,25 +39,54 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
         model.load_state_dict(state["ema"])
     except RuntimeError as err:
         raise UserError(f"{path}: EMA weights do not fit network_kwargs ({str(err).splitlines()[0]})") from None
-    return model.to(device).eval(), state["config"]
+    return model.to(device).eval(), state
+
+
+def load_verifier(state: dict, path: Path, device: torch.device) -> RatioUNet:
+    """The ratio network's EMA from a stage-2 DiffRatio/Di-Bregman checkpoint."""
+    if "ratio_kwargs" not in state or "ratio_ema" not in state:
+        raise UserError(f"{path}: --best-of needs a checkpoint of a run with a ratio network (diffratio or dibregman)")
+    ratio = RatioUNet(**state["ratio_kwargs"])
+    ratio.load_state_dict(state["ratio_ema"])
+    return ratio.to(device).eval()
+
+
+def latent_sampler(denoiser: EDMPrecond, device: torch.device, class_index: int | None):
+    """sample_latent(k, rng) -> (z, one-hot labels or None) for the denoiser's image shape."""
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    k_classes = denoiser.label_dim
+    if k_classes and class_index is not None and not 0 <= class_index < k_classes:
+        raise UserError(f"--class: {class_index} outside [0, {k_classes})")
+
+    def sample_latent(n: int, rng: torch.Generator):
+        z = torch.randn((n, *shape), generator=rng, device=device)
+        if not k_classes:
+            return z, None
+        idx = torch.full((n,), class_index, device=device) if class_index is not None else torch.randint(k_classes, (n,), generator=rng, device=device)
+        return z, torch.nn.functional.one_hot(idx.long(), k_classes).float()
+
+    return sample_latent
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, n: int, seed: int, device: torch.device, class_index: int | None, steps: int) -> torch.Tensor:
+def sample(model, n: int, seed: int, device: torch.device, class_index: int | None, steps: int,
+           verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS) -> torch.Tensor:
+    """n images in [-1, 1]: Heun for a teacher, one step for a generator, best of ``best_of`` with a verifier."""
     denoiser = model.denoiser if isinstance(model, OneStepGenerator) else model
-    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    sample_latent = latent_sampler(denoiser, device, class_index)
     rng = torch.Generator(device).manual_seed(seed)
-    z = torch.randn((n, *shape), generator=rng, device=device)
-    labels = None
-    if denoiser.label_dim:
-        k = denoiser.label_dim
-        if class_index is not None and not 0 <= class_index < k:
-            raise UserError(f"--class: {class_index} outside [0, {k})")
-        idx = torch.full((n,), class_index, device=device) if class_index is not None else torch.randint(k, (n,), generator=rng, device=device)
-        labels = torch.nn.functional.one_hot(idx.long(), k).float()
-    if isinstance(model, OneStepGenerator):
+    if not isinstance(model, OneStepGenerator):
+        z, labels = sample_latent(n, rng)
+        return heun_sample(model, z, labels, steps).clamp(-1, 1)
+    if best_of == 1:
+        z, labels = sample_latent(n, rng)
         return model(z, labels).clamp(-1, 1)
-    return heun_sample(model, z, labels, steps).clamp(-1, 1)
+
+    def score(x, labels):
+        return realness(verifier, x, sigmas, labels, verifier.schedule)
+
+    x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng)
+    return x.clamp(-1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,15 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class", dest="class_index", type=int, help="class to draw (conditional runs; default random)")
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
     parser.add_argument("--out", type=Path, help="PNG path (default: next to the checkpoint)")
+    parser.add_argument("--best-of", type=int, default=1, metavar="N", help="keep the most real of N candidates per image (ratio-net verifier)")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="verifier noise levels")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.n <= 0:
         raise UserError(f"--n: must be > 0, got {args.n}")
+    if args.best_of < 1:
+        raise UserError(f"--best-of: must be >= 1, got {args.best_of}")
     device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
+    model, state = load_model(args.checkpoint, device)
+    verifier = load_verifier(state, args.checkpoint, device) if args.best_of > 1 else None
+    if verifier is not None and not isinstance(model, OneStepGenerator):
+        raise UserError(f"{args.checkpoint}: --best-of applies to one-step generators, this is a teacher checkpoint")
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-samples.png")
-    save_grid(sample(model, args.n, args.seed, device, args.class_index, args.steps), out, scale=2)
+    images = sample(model, args.n, args.seed, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas))
+    save_grid(images, out, scale=2)
     print(f"wrote {out}")
     return 0
 

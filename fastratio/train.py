@@ -65,9 +65,11 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     nets.fake_score.load_state_dict(nets.teacher.state_dict())
 
 
-def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, extras: dict) -> dict:
+def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, extras: dict,
+           ratio_ema: EMA | None) -> dict:
     return {
         **extras,
+        **({"ratio_ema": ratio_ema.module.state_dict()} if ratio_ema is not None else {}),
         "step": step,
         "nimg": nimg,
         "config": config_mod.to_dict(cfg),
@@ -78,11 +80,13 @@ def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: di
     }
 
 
-def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, source: Path) -> None:
+def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, source: Path, ratio_ema: EMA | None) -> None:
     try:
         for name, sd in state["nets"].items():
             getattr(nets, name).load_state_dict(sd)
         ema.module.load_state_dict(state["ema"])
+        if ratio_ema is not None:
+            ratio_ema.module.load_state_dict(state["ratio_ema"])
         for name, sd in state["optimizers"].items():
             opts[name].load_state_dict(sd)
         rng.set_state(state["rng"]["train"])
@@ -137,13 +141,14 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
         pretrain_teacher(task, nets, cfg, rng)
     trained = getattr(nets, trained_role(cfg))
     ema = EMA(trained)
+    ratio_ema = EMA(nets.ratio) if nets.ratio is not None else None
     start, nimg = 0, 0
     last_good = "none yet"
     if found is not None:
         path, state = found
         if toy_teacher:
             nets.teacher.requires_grad_(False).eval()
-        _restore(state, nets, ema, opts, rng, path)
+        _restore(state, nets, ema, opts, rng, path, ratio_ema)
         start, nimg, last_good = state["step"], state["nimg"], str(path)
         if ctx.is_main:
             print(f"resumed from {path} at step {start}")
@@ -168,6 +173,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
             acc.add(metrics)
             nimg += global_batch
             ema.update(trained, ema_beta(global_batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
+            if ratio_ema is not None:
+                ratio_ema.update(nets.ratio, ema_beta(global_batch, nimg, cfg.optim.ratio_ema_halflife_kimg, cfg.optim.ema_rampup))
             bar.update(1)
 
             last = step == cfg.run.steps
@@ -195,7 +202,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
                 watch.check(step, params, last_good)  # never write a diverged state
                 path = checkpoint.checkpoint_path(run_dir, step)
                 if ctx.is_main:
-                    checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras), path, cfg.run.keep_ckpts)
+                    checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), path, cfg.run.keep_ckpts)
                 distributed.barrier(ctx)
                 last_good = str(path)
             if stopping:

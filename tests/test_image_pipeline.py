@@ -104,8 +104,15 @@ def test_stage2_from_the_teacher(teacher_run, fashion, tmp_path, method):
     assert moved
 
     out = tmp_path / "grid.png"
-    assert sample_main([str(checkpoint.list_checkpoints(run)[-1]), "--n", "4", "--class", "1", "--out", str(out)]) == 0
+    newest = str(checkpoint.list_checkpoints(run)[-1])
+    assert sample_main([newest, "--n", "4", "--class", "1", "--out", str(out)]) == 0
     assert Image.open(out).size == (2 * (2 * 29 + 1), 2 * (2 * 29 + 1))  # 2x2 grid of 28px + 1px gaps, scale 2
+    if method == "diffratio":  # the verifier: the ratio net's EMA is saved with its kwargs
+        assert set(state["ratio_ema"]) == set(state["nets"]["ratio"])
+        assert sample_main([newest, "--n", "4", "--best-of", "3", "--out", str(out)]) == 0
+    else:
+        with pytest.raises(UserError, match="--best-of needs a checkpoint of a run with a ratio network"):
+            sample_main([newest, "--n", "4", "--best-of", "3", "--out", str(out)])
 
 
 def test_stage2_refuses_mismatched_teacher(teacher_run, fashion, tmp_path):

@@ -109,9 +109,11 @@ class ImageTask:
         if needs_ratio(method):
             ratio_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("img_resolution", "img_channels", "label_dim", "sigma_data")}
             # No dropout in the ratio net: the generator update differentiates it and wants no extra noise.
-            nets.ratio = _without_dropout(
-                RatioUNet(self.shape[1], self.shape[0], self.num_classes, cfg.model.sigma_data, cfg.noise.schedule, **ratio_kwargs)
-            ).to(self.device)
+            self.ratio_kwargs = dict(
+                img_resolution=self.shape[1], img_channels=self.shape[0], label_dim=self.num_classes,
+                sigma_data=cfg.model.sigma_data, schedule=cfg.noise.schedule, **ratio_kwargs,
+            )
+            nets.ratio = _without_dropout(RatioUNet(**self.ratio_kwargs)).to(self.device)
             if cfg.model.ratio_from_teacher:
                 try:
                     nets.ratio.load_encoder(teacher)
@@ -127,7 +129,10 @@ class ImageTask:
         data, for stage 2 and ``fastratio.sample``: the denoiser's kwargs (and sigma_init for a generator)."""
         if self.cfg.method.name == "teacher":
             return {"network_kwargs": self.kwargs}
-        return {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init}
+        extras = {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init}
+        if needs_ratio(self.cfg.method.name):
+            extras["ratio_kwargs"] = self.ratio_kwargs  # the verifier rebuilds the ratio net from these
+        return extras
 
     # -- data ------------------------------------------------------------------------------------
     def _one_hot(self, labels: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,160 @@
+"""FID / KID / precision-recall of a checkpoint with torch-fidelity, and FID against best-of-N.
+
+    python -m fastratio.evaluate CKPT [--n 50000] [--seeds 3] [--best-of 1 2 4 8 16] [--inception W.pth]
+
+Generates ``--n`` images from the checkpoint's EMA network (one generator step; Heun for a teacher
+checkpoint) per seed and per N, and compares them with the training set of the checkpoint's config
+(or ``--data-kind/--data-path``). FID is reported per seed, and as EDM does, its minimum and mean
+over seeds. ``--best-of`` N > 1 keeps, of N one-step candidates per image, the one the run's ratio
+network scores most real (fastratio.verifier), so one run gives the FID-vs-N curve (PNG report).
+Offline: ``--inception`` is torch-fidelity's ``feature_extractor_weights_path`` (make one with
+``python -m fastratio.tools.convert_inception``); without it torch-fidelity downloads its weights.
+Results are appended as JSON lines to ``--out``. Grey images are repeated to 3 channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import datasets
+from .errors import UserError, run_cli
+from .images import to_uint8
+from .runinfo import environment
+from .sample import load_model, load_verifier, sample
+from .train import resolve_device
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 [N, C, H, W] as torch-fidelity's input: 3 x H x W uint8 items."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].contiguous()
+
+
+def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extractor: str = "inception-v3-compat",
+                     weights: str | None = None, batch: int = 200, device: torch.device | None = None,
+                     prc: bool = False, cache_dir: str | None = None, real_name: str | None = None) -> dict[str, float]:
+    """FID, KID (and precision/recall) of uint8 [N, C, H, W] images through torch-fidelity.
+    ``real_name`` caches the real set's statistics under ``cache_dir`` for repeated calls."""
+    import torch_fidelity
+
+    n = min(fake.shape[0], real.shape[0])
+    kwargs = dict(
+        input1=_Images(fake.cpu()), input2=_Images(real.cpu()), fid=True, kid=True, prc=prc,
+        feature_extractor=feature_extractor, batch_size=batch, kid_subset_size=min(1000, n), verbose=False,
+        cuda=device is not None and device.type == "cuda", save_cpu_ram=True,
+    )
+    if weights:
+        if not Path(weights).is_file():
+            raise UserError(f"--inception: {weights} not found (make one with python -m fastratio.tools.convert_inception)")
+        kwargs["feature_extractor_weights_path"] = str(weights)
+    if real_name and cache_dir:
+        kwargs.update(cache=True, cache_root=cache_dir, input2_cache_name=real_name)
+    else:
+        kwargs["cache"] = False
+    metrics = torch_fidelity.calculate_metrics(**kwargs)
+    out = {"fid": metrics["frechet_inception_distance"], "kid": metrics["kernel_inception_distance_mean"],
+           "kid_std": metrics["kernel_inception_distance_std"]}
+    if prc:
+        out.update(precision=metrics["precision"], recall=metrics["recall"])
+    return out
+
+
+def _generate(model, n: int, batch: int, seed: int, device, verifier, best_of: int, steps: int, progress: bool) -> torch.Tensor:
+    chunks = []
+    for i, start in enumerate(tqdm(range(0, n, batch), desc=f"generate N={best_of} seed={seed}", disable=not progress, leave=False)):
+        k = min(batch, n - start)
+        chunks.append(to_uint8(sample(model, k, seed * 1_000_003 + i, device, None, steps, verifier, best_of)).cpu())
+    return torch.cat(chunks)
+
+
+def report_png(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted({r["best_of"] for r in rows})
+    mins = [min(r["fid"] for r in rows if r["best_of"] == n) for n in ns]
+    means = [statistics.mean(r["fid"] for r in rows if r["best_of"] == n) for n in ns]
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.plot(ns, means, "o-", label="mean over seeds")
+    ax.plot(ns, mins, "s--", label="min over seeds")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("candidates per image N (ratio-net verifier)")
+    ax.set_ylabel("FID")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastratio.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--n", type=int, default=50000, help="generated images per seed and N")
+    parser.add_argument("--seeds", type=int, default=1, help="report FID per seed, and min/mean over seeds (EDM: 3)")
+    parser.add_argument("--best-of", type=int, nargs="+", default=[1], help="N values for the FID-vs-N curve")
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
+    parser.add_argument("--data-kind", help="override the checkpoint config's data.kind")
+    parser.add_argument("--data-path", help="override the checkpoint config's data.path")
+    parser.add_argument("--inception", help="torch-fidelity Inception weights (.pth) for offline use")
+    parser.add_argument("--feature-extractor", default="inception-v3-compat", help="a torch-fidelity feature extractor name")
+    parser.add_argument("--prc", action="store_true", help="also precision/recall (on the same features)")
+    parser.add_argument("--out", type=Path, help="JSON-lines file to append to (default: next to the checkpoint)")
+    parser.add_argument("--report", type=Path, help="FID-vs-N PNG (default next to --out when several N)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    if args.n <= 1 or args.seeds < 1 or min(args.best_of) < 1:
+        raise UserError("--n must be > 1, --seeds and --best-of >= 1")
+    device = resolve_device(args.device)
+    model, state = load_model(args.checkpoint, device)
+    verifier = load_verifier(state, args.checkpoint, device) if max(args.best_of) > 1 else None
+    data_cfg = state["config"]["data"]
+    kind, path = args.data_kind or data_cfg["kind"], args.data_path or data_cfg["path"]
+    real = datasets.load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
+    out = args.out or args.checkpoint.with_name("metrics-eval.jsonl")
+    env = environment(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for best_of in args.best_of:
+            for seed in range(args.seeds):
+                fake = _generate(model, args.n, args.batch, seed, device, verifier, best_of, args.steps, not args.no_progress)
+                metrics = fidelity_metrics(fake, real, feature_extractor=args.feature_extractor, weights=args.inception,
+                                           batch=args.batch, device=device, prc=args.prc, cache_dir=cache, real_name="real")
+                row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": seed,
+                       "best_of": best_of, "real": f"{kind}:{path}", "real_images": int(real.shape[0]),
+                       "feature_extractor": args.feature_extractor, **metrics}
+                rows.append(row)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}, KID {metrics['kid']:.5f}")
+            fids = [r["fid"] for r in rows if r["best_of"] == best_of]
+            print(f"N={best_of}: FID min {min(fids):.3f}, mean {statistics.mean(fids):.3f} over {len(fids)} seed(s)")
+    if len(args.best_of) > 1:
+        report = args.report or out.with_suffix(".png")
+        report_png(rows, report)
+        print(f"FID vs N: {report}")
+    print(f"appended {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,57 @@
+"""The trained ratio network as a verifier: best-of-N at inference (DiffRatio, parallel scaling).
+
+A candidate x is scored by the ratio network's estimate of log p/q (= -log q/p, "Towards..." Eq. 6)
+averaged over a fixed set of noise levels with fixed noise: realness(x) = mean_s l(x + s eps_s, s).
+best_of_n draws N candidates per output in one batched pass (no extra sequential compute), scores
+them and keeps the most real one; conditional candidates of one output share its class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .noise import add_noise
+
+DEFAULT_SIGMAS = (0.05, 0.2, 0.5, 1.0)
+
+
+@torch.no_grad()
+def realness(log_ratio: Callable, x: torch.Tensor, sigmas=DEFAULT_SIGMAS, labels=None, schedule: str = "ve", seed: int = 0) -> torch.Tensor:
+    """[B] mean over sigmas of ``log_ratio(x_t, sigma, labels)`` (an estimate of log p/q at x_t);
+    the noise is drawn from ``seed``, identical for every candidate position and call."""
+    g = torch.Generator(x.device).manual_seed(seed)
+    total = torch.zeros(x.shape[0], device=x.device)
+    for s in sigmas:
+        eps = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        sigma = torch.full((x.shape[0],), float(s), device=x.device, dtype=x.dtype)
+        total += log_ratio(add_noise(x, sigma, eps, schedule), sigma, labels).float()
+    return total / len(sigmas)
+
+
+@torch.no_grad()
+def best_of_n(
+    generator: Callable, sample_latent: Callable, score: Callable, n_out: int, n_candidates: int,
+    rng: torch.Generator, chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(kept samples [n_out, ...], their labels or None, their scores [n_out]).
+
+    ``sample_latent(k, rng) -> (z, labels)``, ``generator(z, labels) -> x``, ``score(x, labels) -> [k]``
+    (higher is more real). Candidates are drawn as N consecutive rows per output, all with the class
+    of the group's first row; ``chunk`` bounds the rows generated at once."""
+    z, labels = sample_latent(n_out * n_candidates, rng)
+    if labels is not None:
+        labels = labels[::n_candidates].repeat_interleave(n_candidates, dim=0)
+    kept, kept_labels, kept_scores = [], [], []
+    per_chunk = max(1, chunk // n_candidates) * n_candidates
+    for i in range(0, z.shape[0], per_chunk):
+        zc, lc = z[i : i + per_chunk], None if labels is None else labels[i : i + per_chunk]
+        x = generator(zc, lc)
+        scores = score(x, lc).reshape(-1, n_candidates)
+        index = torch.arange(scores.shape[0], device=x.device) * n_candidates + scores.argmax(dim=1)
+        kept.append(x[index])
+        kept_labels.append(None if lc is None else lc[index])
+        kept_scores.append(scores.max(dim=1).values)
+    labels_out = None if labels is None else torch.cat(kept_labels)
+    return torch.cat(kept), labels_out, torch.cat(kept_scores)
