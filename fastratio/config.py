@@ -124,6 +124,13 @@ class NoiseConfig:
 
 
 @dataclass
+class EvalConfig:
+    fid_samples: int = 0  # images: in-loop FID/KID on this many samples every run.eval_every steps (0: off); best.pt keeps the best
+    inception: str = ""  # torch-fidelity Inception weights (.pth, fastratio.tools.convert_inception); empty: torch-fidelity downloads them
+    feature_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor
+
+
+@dataclass
 class StepConfig:
     mode: str = "eager"  # eager | compile (networks under torch.compile, fullgraph) | graph (whole step as one CUDA graph; CUDA, one process)
     warmup_steps: int = 3  # graph: eager steps run before capture (allocations, autotuning); they are real training steps
@@ -154,6 +161,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     step: StepConfig = field(default_factory=StepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Closed sets and lower bounds checked after every load; the key names the culprit in the error.
@@ -185,7 +193,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
-    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "step.warmup_steps",
+    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "step.warmup_steps", "eval.fid_samples",
 )
 
 

@@ -52,11 +52,11 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
     import torch_fidelity
 
     n = min(fake.shape[0], real.shape[0])
-    kwargs = dict(
-        input1=_Images(fake.cpu()), input2=_Images(real.cpu()), fid=True, kid=True, prc=prc,
-        feature_extractor=feature_extractor, batch_size=batch, kid_subset_size=min(1000, n), verbose=False,
-        cuda=device is not None and device.type == "cuda", save_cpu_ram=True,
-    )
+    kwargs = {
+        "input1": _Images(fake.cpu()), "input2": _Images(real.cpu()), "fid": True, "kid": True, "prc": prc,
+        "feature_extractor": feature_extractor, "batch_size": batch, "kid_subset_size": min(1000, n), "verbose": False,
+        "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True,
+    }
     if weights:
         if not Path(weights).is_file():
             raise UserError(f"--inception: {weights} not found (make one with python -m fastratio.tools.convert_inception)")

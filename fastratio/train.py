@@ -160,6 +160,9 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     runner = StepRunner(cfg, task, nets, step_fn, rng, shard, device)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
+    # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).
+    logged = read_jsonl(run_dir / "metrics.jsonl") if ctx.is_main and (run_dir / "metrics.jsonl").is_file() else []
+    best_fid = min((r["eval_fid"] for r in logged if "eval_fid" in r), default=float("inf"))
     acc = MetricAccumulator()
     watch = DivergenceWatch(device)
     params = [p for name in opts for p in getattr(nets, name).parameters()]
@@ -193,6 +196,10 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
                     if evaluate:
                         record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
                     log.write(record)
+                    if record.get("eval_fid", float("inf")) < best_fid:
+                        best_fid = record["eval_fid"]
+                        watch.check(step, params, last_good)
+                        checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), run_dir / "best.pt")
                     loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
                     bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
             if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):

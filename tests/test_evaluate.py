@@ -106,3 +106,20 @@ def test_evaluate_cli_rows_per_seed_and_n_and_report(stage2, tmp_path):
     # A teacher checkpoint is evaluated through its Heun sampler.
     assert evaluate_main([str(teacher), "--n", "12", "--batch", "12", "--steps", "2", "--feature-extractor", TINY_NAME,
                           "--out", str(tmp_path / "t.jsonl"), "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_in_loop_fid_is_logged_and_the_best_snapshot_kept(stage2, tmp_path):
+    _ckpt, teacher = stage2
+    data = checkpoint.load(teacher)["config"]["data"]["path"]
+    sets = ["run.progress=false", "run.steps=4", "run.plot_every=0", "run.eval_every=2", "run.log_every=2", "data.eval_samples=4",
+            "optim.batch_size=4", "model.channels=8", "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[]",
+            f"data.path={data}", f"teacher.checkpoint={teacher}", f"run.out_dir={tmp_path}", "eval.fid_samples=16",
+            f"eval.feature_extractor={TINY_NAME}"]
+    assert train_main([str(ROOT / "configs" / "fashion_mnist.yaml"), *[a for kv in sets for a in ("--set", kv)]]) == 0
+    from fastratio.runlog import read_jsonl
+
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval_fid" in r]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["eval_fid"] >= 0 and "eval_kid" in r for r in rows)
+    best = min(rows, key=lambda r: r["eval_fid"])
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == best["step"]
+    assert (tmp_path / "fid-cache").is_dir()

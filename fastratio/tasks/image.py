@@ -165,12 +165,24 @@ class ImageTask:
         return out.float().clamp(-1, 1)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Cheap in-loop statistics: per-channel mean/std gaps to the data (FID: fastratio.evaluate)."""
+        """Per-channel mean/std gaps to the data, and FID/KID (torch-fidelity) when eval.fid_samples > 0."""
         fake = to_uint8(self.samples(model, min(self.cfg.data.eval_samples, 256))).float()
         real = self.images[: fake.shape[0] * 4].float()
         mean_gap = (fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean() / 255
         std_gap = (fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean() / 255
-        return {"pixel_mean_gap": float(mean_gap), "pixel_std_gap": float(std_gap)}
+        metrics = {"pixel_mean_gap": float(mean_gap), "pixel_std_gap": float(std_gap)}
+        ev = self.cfg.eval
+        if ev.fid_samples:
+            from ..evaluate import fidelity_metrics
+
+            chunks = [to_uint8(self.samples(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i)) for i in range(0, ev.fid_samples, 256)]
+            # The real set's features are computed once per run and cached in the run folder.
+            cache = Path(self.cfg.run.out_dir) / "fid-cache"
+            metrics.update(fidelity_metrics(
+                torch.cat(chunks), self.images, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
+                device=self.device, cache_dir=str(cache), real_name=f"real-{ev.feature_extractor}-{self.images.shape[0]}",
+            ))
+        return metrics
 
     def plot(self, model: torch.nn.Module, path: Path) -> None:
         save_grid(self.samples(model, _GRID), path, scale=max(1, 64 // self.shape[1]))
