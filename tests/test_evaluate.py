@@ -50,10 +50,10 @@ class TinyExtractor(FeatureExtractorBase):
         return (pooled @ self.proj.to(pooled.device),)
 
 
-try:
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+if TINY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(TINY_NAME, TinyExtractor)
-except Exception:  # noqa: BLE001 - already registered by an earlier import
-    pass
 
 
 def _images(n=300, seed=0):
