@@ -182,6 +182,44 @@ class _UNetBase(nn.Module):
             return class_labels * keep.to(class_labels.dtype)
         return class_labels
 
+    def _build_unet(
+        self, img_resolution: int, in_channels: int, model_channels: int, channel_mult, num_blocks: int, attn_resolutions,
+        block: dict, init: dict, *, scale_first_conv: bool, attend_every_decoder_block: bool, encoder_only: bool,
+    ) -> int:
+        """EDM's encoder (``enc``) and decoder (``dec``) layout, shared by DDPM++ and ADM; returns the last
+        width. They differ in the first conv's width (ADM scales it by the first multiplier) and in
+        which decoder blocks attend (ADM: all at an attention resolution; DDPM++: the last of each)."""
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * (mult if scale_first_conv else 1)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        self.encoder_channels = cout
+        self.dec = None
+        if encoder_only:
+            return cout
+        skips = [b.out_channels for b in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = res in attn_resolutions and (attend_every_decoder_block or idx == num_blocks)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        return cout
+
     def encode(self, x: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
         """Every encoder activation, in order (the decoder's skips; the last is the bottleneck input)."""
         skips = []
@@ -242,39 +280,13 @@ class SongUNet(_UNetBase):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-        self.encoder_channels = cout
-        self.dec = None
+        cout = self._build_unet(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block, init,
+                                scale_first_conv=False, attend_every_decoder_block=False, encoder_only=encoder_only)
         if encoder_only:
             return
-        skips = [b.out_channels for b in self.enc.values()]
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
-            if level == 0:
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
         self._out_prefix = f"{img_resolution}x{img_resolution}_aux"
+        self.dec[f"{self._out_prefix}_norm"] = GroupNorm(cout, eps=1e-6)
+        self.dec[f"{self._out_prefix}_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
@@ -314,34 +326,10 @@ class DhariwalUNet(_UNetBase):
             Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal", init_weight=math.sqrt(label_dim)) if label_dim else None
         )
 
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
-        self.encoder_channels = cout
-        self.dec = None
+        cout = self._build_unet(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block, init,
+                                scale_first_conv=True, attend_every_decoder_block=True, encoder_only=encoder_only)
         if encoder_only:
             return
-        skips = [b.out_channels for b in self.enc.values()]
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
