@@ -10,6 +10,7 @@ NCCL on CUDA, gloo on CPU. Without torchrun (no WORLD_SIZE) everything here is a
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -54,7 +55,11 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     if ctx.world == 1:
         return module
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # Buffers (resample filters, frequencies) are constants, equal on every rank: no per-forward sync.
+    # torch 2.14 renamed the switch; the GPU machine's 2.11 has only the old name.
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False}
+    return ddp(module, device_ids=ids, **no_sync)
 
 
 def mean_over_ranks(values: dict[str, float], ctx: Context) -> dict[str, float]:

@@ -26,9 +26,9 @@ def _run(out: Path, nproc: int, *overrides: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method, kernels", [("diffratio", "triton"), ("vsd", "torch")])
-def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels):
-    args = (f"method.name={method}", f"run.kernels={kernels}")
+@pytest.mark.parametrize("method, kernels, mode", [("diffratio", "triton", "eager"), ("vsd", "torch", "eager"), ("diffratio", "torch", "compile")])
+def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels, mode):
+    args = (f"method.name={method}", f"run.kernels={kernels}", f"step.mode={mode}")
     one = _run(tmp_path / "one", 1, *args)
     two = _run(tmp_path / "two", 2, *args)
     rows_one, rows_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
