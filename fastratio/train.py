@@ -76,7 +76,8 @@ def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: di
         "nets": {name: getattr(nets, name).state_dict() for name in _ROLES if getattr(nets, name) is not None},
         "ema": ema.module.state_dict(),
         "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
-        "rng": {"train": rng.get_state(), "torch_cpu": torch.get_rng_state()},
+        "rng": {"train": rng.get_state(), "torch_cpu": torch.get_rng_state(),
+                **({"torch_cuda": torch.cuda.get_rng_state(rng.device)} if rng.device.type == "cuda" else {})},
     }
 
 
@@ -91,6 +92,8 @@ def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Gener
             opts[name].load_state_dict(sd)
         rng.set_state(state["rng"]["train"])
         torch.set_rng_state(state["rng"]["torch_cpu"])
+        if "torch_cuda" in state["rng"] and rng.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["torch_cuda"], rng.device)
     except (KeyError, RuntimeError, AttributeError) as err:
         raise UserError(f"{source}: checkpoint does not match this config ({str(err).splitlines()[0]})") from None
 
@@ -144,15 +147,19 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     ratio_ema = EMA(nets.ratio) if nets.ratio is not None else None
     start, nimg = 0, 0
     last_good = "none yet"
+    # The default generators (dropout) differ per rank. One process resumes them exactly from the
+    # checkpoint; under torchrun only rank 0's were saved, so every rank reseeds from (seed, rank, step).
+    torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)
     if found is not None:
         path, state = found
         if toy_teacher:
             nets.teacher.requires_grad_(False).eval()
         _restore(state, nets, ema, opts, rng, path, ratio_ema)
         start, nimg, last_good = state["step"], state["nimg"], str(path)
+        if ctx.world > 1:
+            torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)
         if ctx.is_main:
             print(f"resumed from {path} at step {start}")
-    torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)  # dropout masks: per rank, fresh after resume
 
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep

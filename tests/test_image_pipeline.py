@@ -128,3 +128,15 @@ def test_stage2_refuses_mismatched_teacher(teacher_run, fashion, tmp_path):
     cfg = _load("fashion_mnist", *base[:2], "teacher.checkpoint=" + str(tmp_path / "none.pt"))
     with pytest.raises(UserError, match="teacher.checkpoint: .*none.pt not found"):
         build_task(cfg, torch.device("cpu")).build_networks()
+
+
+def test_teacher_resume_is_exact_with_dropout_and_augmentation(fashion, tmp_path):
+    """Dropout (the default generator) and augmentation (the run's stream) resume bit-exactly."""
+    common = [f"data.path={fashion}", "model.augment_dim=9", "augment.p=0.5", "model.dropout=0.3", "run.ckpt_every=2", "run.plot_every=0"]
+    full = train(_load("fashion_mnist_teacher", f"run.out_dir={tmp_path / 'full'}", "run.steps=4", *common))
+    train(_load("fashion_mnist_teacher", f"run.out_dir={tmp_path / 'split'}", "run.steps=2", *common))
+    split = train(_load("fashion_mnist_teacher", f"run.out_dir={tmp_path / 'split'}", "run.steps=4", *common), resume="auto")
+    losses = [[r["teacher_loss"] for r in read_jsonl(run / "metrics.jsonl")] for run in (full, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a, b = (checkpoint.load(checkpoint.list_checkpoints(run)[-1])["nets"]["teacher"] for run in (full, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
