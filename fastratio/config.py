@@ -274,6 +274,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"noise.sigma_min: {cfg.noise.sigma_min} must be below noise.sigma_max {cfg.noise.sigma_max}")
     if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):
         raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
+    if cfg.step.mode == "graph" and cfg.step.warmup_steps < 1:
+        raise ConfigError("step.warmup_steps: graph mode needs >= 1 eager step before capture (optimizer state, compilation)")
     _validate_images(cfg)
     return cfg
 

@@ -68,3 +68,8 @@ def test_r1_penalty_is_the_squared_input_gradient_and_trains(tmp_path):
     run = train(_cfg(tmp_path, "method.r1_gamma=0.5"))
     rows = read_jsonl(run / "metrics.jsonl")
     assert all(r["ratio_r1"] > 0 for r in rows)
+
+
+def test_graph_mode_needs_a_warmup_step():
+    with pytest.raises(config.ConfigError, match="step.warmup_steps: graph mode needs >= 1"):
+        config.load(None, ["step.mode=graph", "step.warmup_steps=0"])
