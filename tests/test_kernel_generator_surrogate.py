@@ -60,3 +60,18 @@ def test_opcheck():
     x0, grad_logit, logit, w, alpha = _inputs((3, 37), torch.float32)
     args = (x0.requires_grad_(True), grad_logit, logit, w, alpha, 1, 2.0)
     torch.library.opcheck(torch.ops.fastratio.generator_surrogate.default, args)
+
+
+def test_compiles_without_graph_break_forward_and_backward():
+    x0, grad_logit, logit, w, alpha = _inputs((3, 37), torch.float32, seed=4)
+
+    def f(x):
+        return generator_surrogate(x * 2, grad_logit, logit, w, alpha, "dijs").sum()
+
+    x_eager, x_compiled = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    want = f(x_eager)
+    want.backward()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x_compiled)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)

@@ -91,3 +91,20 @@ def test_row_offset_gives_the_rows_of_a_larger_batch():
     want = torch.autograd.grad(noise_inject(*full_leaves, 3), full_leaves, torch.cat([torch.zeros(4, 37), upstream]))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b[4:6])
+
+
+def test_compiles_without_graph_break_forward_and_backward():
+    """As the trainer calls it: a device seed tensor and a row offset, inside a fullgraph region."""
+    x0, alpha, std = _inputs((4, 37), torch.float32)
+    seed = torch.tensor([11])
+
+    def f(x):
+        return (noise_inject(x * 2, alpha, std, seed, row_offset=3) ** 2).sum()
+
+    x_eager, x_compiled = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    want = f(x_eager)
+    want.backward()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x_compiled)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
