@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
@@ -58,6 +60,14 @@ def save(state: dict[str, Any], path: Path, keep: int | None = None) -> Path:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_or_fail(path: Path, culprit: str) -> dict[str, Any]:
+    """``load`` for a file a user named: a corrupt or foreign file is one UserError line naming ``culprit``."""
+    try:
+        return load(path)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
+        raise UserError(f"{culprit}: cannot read checkpoint {path} ({type(err).__name__})") from None
 
 
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:

@@ -27,10 +27,7 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     """(EMA model in eval mode, the checkpoint) of an image run's checkpoint."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        state = checkpoint.load(path)
-    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
-        raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__})") from None
+    state = checkpoint.load_or_fail(path, "checkpoint")
     if "network_kwargs" not in state:
         raise UserError(f"{path}: not an image-run checkpoint (no network_kwargs)")
     denoiser = EDMPrecond(**state["network_kwargs"])

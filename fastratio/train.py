@@ -104,10 +104,7 @@ def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict] | None:
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"--resume: checkpoint {path} not found")
-    try:
-        return path, checkpoint.load(path)
-    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
-        raise UserError(f"--resume: cannot read checkpoint {path} ({type(err).__name__})") from None
+    return path, checkpoint.load_or_fail(path, "--resume")
 
 
 def train(cfg: Config, resume: str | None = None) -> Path:

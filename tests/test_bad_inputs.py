@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from testkit import idx_bytes, png_bytes
 
 from fastratio import checkpoint
 from fastratio.errors import run_cli
@@ -38,24 +38,14 @@ class Evil:
         return os.system, ("echo pwned",)
 
 
-def _idx(arr):
-    return bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
-
-
-def _png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Real-format fixtures, some good (a teacher, a stage-2 run) and most broken."""
     d = tmp_path_factory.mktemp("bad")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
-    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
-    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx((np.arange(12) % 3).astype(np.uint8))))
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes((np.arange(12) % 3).astype(np.uint8))))
     (d / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03" + b"\x00" * 12)
     np.savez(d / "rgb16.npz", images=rng.integers(0, 256, size=(6, 3, 16, 16), dtype=np.uint8))
     np.savez(d / "rgb28.npz", images=rng.integers(0, 256, size=(6, 3, 28, 28), dtype=np.uint8))
@@ -63,10 +53,10 @@ def files(tmp_path_factory):
     np.savez(d / "five_classes.npz", images=rng.integers(0, 256, size=(5, 1, 28, 28), dtype=np.uint8), labels=np.arange(5))
     (d / "empty").mkdir()
     (d / "nonsquare").mkdir()
-    (d / "nonsquare" / "a.png").write_bytes(_png(np.zeros((8, 12), np.uint8)))
+    (d / "nonsquare" / "a.png").write_bytes(png_bytes(np.zeros((8, 12), np.uint8)))
     (d / "mixed").mkdir()
-    (d / "mixed" / "a.png").write_bytes(_png(np.zeros((8, 8), np.uint8)))
-    (d / "mixed" / "b.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (d / "mixed" / "a.png").write_bytes(png_bytes(np.zeros((8, 8), np.uint8)))
+    (d / "mixed" / "b.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     (d / "cifar.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 definitely not a tarball")
     with tarfile.open(d / "wrong.tar.gz", "w:gz") as tar:
         tar.addfile(tarfile.TarInfo("readme.txt"), io.BytesIO(b""))

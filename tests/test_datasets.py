@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from testkit import idx_bytes, png_bytes
 
 from fastratio.datasets import load_dataset, read_idx
 from fastratio.errors import UserError
@@ -76,12 +76,6 @@ def test_cifar10_bad_inputs(tmp_path):
         load_dataset("cifar10", str(evil))
 
 
-def _png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_image_folder_and_zip_with_labels(tmp_path):
     images = RNG.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
     names = [f"{i // 3:05d}/img{i:08d}.png" for i in range(5)]
@@ -90,8 +84,8 @@ def test_image_folder_and_zip_with_labels(tmp_path):
     with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
         for n, arr in zip(names, images):
             (folder / n).parent.mkdir(parents=True, exist_ok=True)
-            (folder / n).write_bytes(_png(arr))
-            z.writestr(n, _png(arr))
+            (folder / n).write_bytes(png_bytes(arr))
+            z.writestr(n, png_bytes(arr))
         z.writestr("dataset.json", meta)
     (folder / "dataset.json").write_text(meta)
     for path in (folder, tmp_path / "data.zip"):
@@ -101,15 +95,15 @@ def test_image_folder_and_zip_with_labels(tmp_path):
     assert load_dataset("folder", str(folder), max_images=2).images.shape == (2, 3, 8, 8)
     gray = tmp_path / "gray"
     gray.mkdir()
-    (gray / "a.png").write_bytes(_png(images[0, :, :, 0]))
+    (gray / "a.png").write_bytes(png_bytes(images[0, :, :, 0]))
     assert load_dataset("folder", str(gray)).images.shape == (1, 1, 8, 8)
 
 
 def test_image_folder_bad_inputs(tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    (mixed / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
-    (mixed / "b.png").write_bytes(_png(np.zeros((9, 8, 3), np.uint8)))
+    (mixed / "a.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    (mixed / "b.png").write_bytes(png_bytes(np.zeros((9, 8, 3), np.uint8)))
     with pytest.raises(UserError, match=r"b\.png: image shape \(3, 9, 8\) differs"):
         load_dataset("folder", str(mixed))
     (tmp_path / "empty").mkdir()
@@ -117,7 +111,7 @@ def test_image_folder_bad_inputs(tmp_path):
         load_dataset("folder", str(tmp_path / "empty"))
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
-    (unlabeled / "a.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (unlabeled / "a.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
     (unlabeled / "dataset.json").write_text(json.dumps({"labels": [["other.png", 0]]}))
     with pytest.raises(UserError, match="dataset.json: no label for a.png"):
         load_dataset("folder", str(unlabeled))
@@ -129,23 +123,18 @@ def test_image_folder_bad_inputs(tmp_path):
         load_dataset("folder", str(tmp_path / "bad.zip"))
 
 
-def _idx(arr, code=0x08):
-    header = bytes([0, 0, code, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-    return header + arr.tobytes()
-
-
 def test_idx_with_labels(tmp_path):
     images = RNG.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1], dtype=np.uint8)
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     data = load_dataset("idx", str(tmp_path / "train-images-idx3-ubyte.gz"))
     assert np.array_equal(data.images.numpy(), images[:, None]) and data.labels.tolist() == [3, 1, 4, 1]
     assert data.num_classes == 5
-    (tmp_path / "bad-images-idx3-ubyte").write_bytes(_idx(images, code=0x0D))
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(idx_bytes(images, code=0x0D))
     with pytest.raises(UserError, match="not an unsigned-byte IDX file"):
         read_idx(tmp_path / "bad-images-idx3-ubyte")
-    (tmp_path / "short-images-idx3-ubyte").write_bytes(_idx(images)[:-10])
+    (tmp_path / "short-images-idx3-ubyte").write_bytes(idx_bytes(images)[:-10])
     with pytest.raises(UserError, match=r"header says \(4, 28, 28\)"):
         read_idx(tmp_path / "short-images-idx3-ubyte")
 

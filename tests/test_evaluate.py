@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from testkit import idx_bytes
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from fastratio import checkpoint
@@ -73,15 +74,11 @@ def test_fid_is_zero_against_itself_and_grows_with_a_shift():
     assert other["fid"] < shifted[0]["fid"] and other["kid"] < shifted[0]["kid"]
 
 
-def _idx(arr):
-    return bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
-
-
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     images = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8), dtype=np.uint8)
-    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
     common = ["run.progress=false", "run.steps=2", "run.plot_every=0", "run.eval_every=2", "data.eval_samples=4",
               "optim.batch_size=4", "teacher.sample_steps=1", "model.channels=8", "model.channel_mult=[1,2]",
               "model.num_blocks=1", "model.attn_resolutions=[]", f"data.path={d / 'train-images-idx3-ubyte.gz'}"]

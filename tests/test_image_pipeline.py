@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import idx_bytes
 
 from fastratio import checkpoint, config
 from fastratio.errors import UserError
@@ -26,10 +27,6 @@ TINY = [
 ]
 
 
-def _idx(arr):
-    return bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
-
-
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     """48 28x28 images of bright rectangles (some structure to learn), 3 classes, as gzipped IDX."""
@@ -40,8 +37,8 @@ def fashion(tmp_path_factory):
     for i in range(48):
         y, x = rng.integers(2, 14, size=2)
         images[i, y : y + 8 + 4 * labels[i], x : x + 10] = 200 + rng.integers(0, 55)
-    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
-    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
+    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     return root / "train-images-idx3-ubyte.gz"
 
 

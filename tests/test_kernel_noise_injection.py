@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from testkit import assert_compiles_like_eager
 
 from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
 
@@ -101,10 +102,4 @@ def test_compiles_without_graph_break_forward_and_backward():
     def f(x):
         return (noise_inject(x * 2, alpha, std, seed, row_offset=3) ** 2).sum()
 
-    x_eager, x_compiled = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-    want = f(x_eager)
-    want.backward()
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x_compiled)
-    got.backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    assert_compiles_like_eager(f, x0)

@@ -55,10 +55,7 @@ def load_teacher(path: str, device: torch.device) -> EDMPrecond:
         raise UserError(f"teacher.checkpoint: {path} not found (train one with method.name=teacher, or give an EDM .pkl)")
     if file.suffix == ".pkl":
         return load_edm_denoiser(file).to(device)
-    try:
-        state = checkpoint.load(file)
-    except Exception as err:  # noqa: BLE001 - corrupt or foreign file
-        raise UserError(f"teacher.checkpoint: cannot read {path} ({type(err).__name__})") from None
+    state = checkpoint.load_or_fail(file, "teacher.checkpoint")
     if state.get("config", {}).get("method", {}).get("name") != "teacher" or "network_kwargs" not in state:
         raise UserError(f"teacher.checkpoint: {path} is not from a teacher run (method.name=teacher)")
     net = EDMPrecond(**state["network_kwargs"])
