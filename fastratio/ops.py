@@ -45,10 +45,10 @@ def classifier_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor, triton: 
     return 0.5 * (loss[:n_real].mean() + loss[n_real:].mean())
 
 
-
-def standard_normal(like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """The reference path's noise (kept as a function so a parity test can swap in Philox noise)."""
-    return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
+def standard_normal(shape: tuple[int, ...], like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """The reference path's noise of ``shape`` on like's device and dtype (a function so a parity
+    test can swap in Philox noise)."""
+    return torch.randn(shape, generator=rng, device=like.device, dtype=like.dtype)
 
 
 def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torch.Generator, triton: bool, shard: Shard = SINGLE) -> torch.Tensor:
@@ -56,7 +56,7 @@ def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torc
     the global batch's noise (fastratio.shard); with Triton, eps is Philox noise regenerated in the
     backward instead of stored, and the rank's rows are an index offset, not a bigger draw."""
     if not triton:
-        global_eps = standard_normal(x0.new_empty((shard.rows(x0.shape[0]), *x0.shape[1:])), rng)
+        global_eps = standard_normal((shard.rows(x0.shape[0]), *x0.shape[1:]), x0, rng)
         return add_noise(x0, sigma, shard.take(global_eps), schedule)
     from .kernels.noise_injection import noise_inject
 
