@@ -24,7 +24,6 @@ from ..errors import UserError
 from ..images import save_grid, to_uint8
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.unet import EDMPrecond, UNetBlock
-from ..sampler import heun_sample
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
@@ -149,17 +148,15 @@ class ImageTask:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def samples(self, model: torch.nn.Module, n: int, seed: int = _EVAL_SEED) -> torch.Tensor:
-        """n images in [-1, 1] from fixed latents: one generator step, or the teacher's Heun sampler."""
-        rng = torch.Generator(self.device).manual_seed(seed)
-        z, labels = self.sample_latent(n, rng)
+        """n images in [-1, 1] from fixed latents: one generator step, or the teacher's Heun sampler
+        (fastratio.sample.sample, as the CLI draws them from a checkpoint)."""
+        from ..sample import sample
+
         was_training = model.training
         model.eval()
-        if self.cfg.method.name == "teacher":
-            out = heun_sample(model, z, labels, self.cfg.teacher.sample_steps)
-        else:
-            out = model(z, labels)
+        out = sample(model, n, seed, self.device, None, self.cfg.teacher.sample_steps)
         model.train(was_training)
-        return out.float().clamp(-1, 1)
+        return out
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Per-channel mean/std gaps to the data, and FID/KID (torch-fidelity) when eval.fid_samples > 0."""
