@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastratio import checkpoint, config
+from fastratio.draws import Draws
 from fastratio.runinfo import environment
 from fastratio.runner import StepRunner
 from fastratio.shard import SINGLE
@@ -120,8 +121,8 @@ def _build(cfg: config.Config, device: torch.device):
     nets = task.build_networks()
     opts = build_optimizers(nets, cfg)
     rng = torch.Generator(device).manual_seed(0)
-    step = TrainStep(cfg, nets, opts, rng, SINGLE, None)
-    return nets, StepRunner(cfg, task, nets, step, rng, SINGLE, device)
+    step = TrainStep(cfg, nets, opts, Draws(rng), SINGLE, None)
+    return nets, StepRunner(cfg, task, nets, step, SINGLE, device)
 
 
 def _flops(cfg, device) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import AUGMENT_DIM, AugmentConfig
+from .draws import Draws
 from .shard import SINGLE, Shard
 
 
@@ -26,14 +27,14 @@ def _mirror(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index >= size, period - index, index)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(augmented x [N, C, H, W], labels [N, AUGMENT_DIM]) with every draw from ``rng`` (this rank's
+def augment(x: torch.Tensor, cfg: AugmentConfig, draws: Draws, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(augmented x [N, C, H, W], labels [N, AUGMENT_DIM]) with every draw from ``draws`` (this rank's
     rows of the global draw, fastratio.shard)."""
     n, _, h, w = x.shape
     device = x.device
 
     def rand(*lead: int) -> torch.Tensor:
-        draw = torch.rand(*lead[:-1], shard.rows(lead[-1]), generator=rng, device=device)
+        draw = draws.rand((*lead[:-1], shard.rows(lead[-1])), device)
         return shard.take(draw.movedim(-1, 0)).movedim(0, -1)
 
     labels = torch.zeros(n, AUGMENT_DIM, device=device)

@@ -18,10 +18,11 @@ import torch
 
 from . import objectives, toy
 from .config import Config, from_dict, to_dict
+from .draws import Draws
 from .networks.mlp import MLPRatio, MLPScore
 from .noise import loss_weight
+from .optim import make_adam
 from .step import Networks, TrainStep, draw_noised, dsm_update
-from .train import make_adam
 
 
 def shifted_ring(rotation: float = 0.25, radius: float = 1.7, std: float = 0.2) -> toy.GaussianMixture:
@@ -51,6 +52,7 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
     cfg_vsd = from_dict({**to_dict(base), "method": {**dataclasses.asdict(base.method), "name": "vsd"}})
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
+    draws = Draws(rng)
     p, q = toy.ring8(), shifted_ring()
     p32 = p.to("cpu", torch.float32)
     generator = toy.MixtureGenerator(q.to("cpu", torch.float32))
@@ -64,8 +66,8 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
     def adam(net: torch.nn.Module) -> torch.optim.Optimizer:
         return make_adam(net.parameters(), base.optim.ratio_lr, base)
 
-    ratio_step = TrainStep(cfg_ratio, Networks(generator, ratio=ratio), {"ratio": adam(ratio)}, rng)
-    vsd_step = TrainStep(cfg_vsd, Networks(generator, teacher=teacher, fake_score=fake), {}, rng)
+    ratio_step = TrainStep(cfg_ratio, Networks(generator, ratio=ratio), {"ratio": adam(ratio)}, draws)
+    vsd_step = TrainStep(cfg_vsd, Networks(generator, teacher=teacher, fake_score=fake), {}, draws)
     opt_teacher, opt_fake = adam(teacher), adam(fake)
 
     batch = base.optim.batch_size
@@ -73,13 +75,13 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
         with torch.no_grad():
             x_real, x_fake = p32.sample(batch, rng), q32.sample(batch, rng)
         ratio_step.ratio_update(x_real, x_fake)
-        dsm_update(teacher, opt_teacher, x_real, cfg_vsd, rng)
-        dsm_update(fake, opt_fake, x_fake, cfg_vsd, rng)
+        dsm_update(teacher, opt_teacher, x_real, cfg_vsd, draws)
+        dsm_update(fake, opt_fake, x_fake, cfg_vsd, draws)
 
     # Same generator draws for every estimator: only the x-space direction differs.
     component = torch.multinomial(generator.weights, eval_samples, replacement=True, generator=rng)
     z = torch.randn(eval_samples, 2, generator=rng)
-    x_t, sigma, _ = draw_noised(generator(component, z), cfg_ratio, rng)
+    x_t, sigma, _ = draw_noised(generator(component, z), cfg_ratio, draws)
     w = loss_weight(sigma, base.noise.weighting, m.sigma_data)
     with torch.no_grad():
         exact = toy.exact_dikl_direction(x_t.double(), sigma.double(), q32.to("cpu", torch.float64), p, w.double()).float()

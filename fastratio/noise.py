@@ -14,13 +14,14 @@ import math
 import torch
 
 from .config import NoiseConfig
+from .draws import Draws
 
 
-def sample_sigma(cfg: NoiseConfig, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def sample_sigma(cfg: NoiseConfig, n: int, draws: Draws, device: torch.device) -> torch.Tensor:
     """Draw n noise levels [n] from the configured distribution."""
     if cfg.sigma_dist == "fixed":
         return torch.full((n,), cfg.sigma_fixed, device=device)
-    u = torch.rand(n, generator=generator, device=device)
+    u = draws.rand((n,), device)
     if cfg.sigma_dist == "lognormal":  # EDM training distribution: ln sigma ~ N(P_mean, P_std^2)
         return torch.exp(cfg.p_mean + cfg.p_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
     if cfg.sigma_dist == "loguniform":
@@ -64,11 +65,11 @@ _VP_BETA_D, _VP_BETA_MIN, _VP_EPS_T = 19.9, 0.1, 1e-5
 _VE_SIGMA_MIN, _VE_SIGMA_MAX = 0.02, 100.0
 
 
-def teacher_sigma(loss: str, n: int, generator: torch.Generator, device: torch.device, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_sigma(loss: str, n: int, draws: Draws, device: torch.device, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma [n], lambda(sigma) [n]) of EDM's training losses (Table 1): edm (ln sigma ~ N(-1.2, 1.2^2),
     lambda = (sigma^2 + sd^2)/(sigma sd)^2), vp (sigma(t), t ~ U(eps_t, 1), lambda = 1/sigma^2),
     ve (sigma log-uniform on [0.02, 100], lambda = 1/sigma^2)."""
-    u = torch.rand(n, generator=generator, device=device)
+    u = draws.rand((n,), device)
     if loss == "edm":
         sigma = torch.exp(-1.2 + 1.2 * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
         return sigma, loss_weight(sigma, "edm", sigma_data)

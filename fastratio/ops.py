@@ -13,6 +13,7 @@ import torch
 
 from . import objectives
 from .config import KERNEL_CHOICES
+from .draws import Draws
 from .errors import UserError
 from .noise import add_noise, noise_coefficients
 from .shard import SINGLE, Shard
@@ -45,21 +46,21 @@ def classifier_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor, triton: 
     return 0.5 * (loss[:n_real].mean() + loss[n_real:].mean())
 
 
-def standard_normal(shape: tuple[int, ...], like: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+def standard_normal(shape: tuple[int, ...], like: torch.Tensor, draws: Draws) -> torch.Tensor:
     """The reference path's noise of ``shape`` on like's device and dtype (a function so a parity
     test can swap in Philox noise)."""
-    return torch.randn(shape, generator=rng, device=like.device, dtype=like.dtype)
+    return draws.randn(shape, like.device, like.dtype)
 
 
-def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, rng: torch.Generator, triton: bool, shard: Shard = SINGLE) -> torch.Tensor:
+def inject_noise(x0: torch.Tensor, sigma: torch.Tensor, schedule: str, draws: Draws, triton: bool, shard: Shard = SINGLE) -> torch.Tensor:
     """x_t = alpha(sigma) x0 + std(sigma) eps (fastratio.noise.add_noise), eps being this rank's rows of
     the global batch's noise (fastratio.shard); with Triton, eps is Philox noise regenerated in the
     backward instead of stored, and the rank's rows are an index offset, not a bigger draw."""
     if not triton:
-        global_eps = standard_normal((shard.rows(x0.shape[0]), *x0.shape[1:]), x0, rng)
+        global_eps = standard_normal((shard.rows(x0.shape[0]), *x0.shape[1:]), x0, draws)
         return add_noise(x0, sigma, shard.take(global_eps), schedule)
     from .kernels.noise_injection import noise_inject
 
     alpha, std = noise_coefficients(sigma, schedule)
-    seed = torch.randint(0, _SEED_BOUND, (1,), generator=rng, device=x0.device)
+    seed = draws.randint(_SEED_BOUND, (1,), x0.device)
     return noise_inject(x0, alpha, std, seed, row_offset=shard.row_offset(x0.shape[0]))

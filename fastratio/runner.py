@@ -1,21 +1,24 @@
 """One training iteration, data sampling included, in the mode ``step.mode`` asks for.
 
 eager    Python drives every op (the reference).
-compile  every network's forward is compiled in place with ``torch.compile(fullgraph=True)`` (the
-         Triton ops are custom ops, so the graph has no break); the step logic, its backward passes
-         and the optimizers stay eager. Dynamo cannot trace ``.backward()`` inside one graph, so the
-         *step* is not one compiled graph: fusing the whole step is the job of ``graph``.
-graph    (CUDA, one process) the whole iteration (sampling the batch from the on-device dataset,
-         noise, ratio update, generator update with its backward through the ratio network, both
-         Adam steps with capturable state) is captured once as a CUDA graph after
-         ``step.warmup_steps`` eager iterations and replayed: one launch per step, no host work, no
-         sync. Random numbers come from the run's generator, registered with the graph so every
-         replay draws fresh ones. Metrics land in static buffers that the loop reads every
-         ``run.log_every`` steps. Networks run compiled inside the capture when compile is possible.
+compile  the whole step (ratio or fake-score updates, generator update, every backward pass, the
+         gradient clipping and both Adam steps) is one ``torch.compile(fullgraph=True)`` graph.
+         The first step runs eagerly and records the step's random requests (fastratio.draws);
+         later steps draw them ahead from the run's generator and hand them to the compiled step,
+         so compile consumes exactly eager's random numbers. Dynamo traces ``backward`` and
+         ``autograd.grad`` under ``trace_autograd_ops``; a torch that cannot (or a step it cannot
+         trace) gets a one-line notice and per-network compilation instead. Under torchrun the
+         networks are compiled one by one: DDP's all-reduce hooks run in eager autograd.
+graph    (CUDA, one process) the compile step, data sampling and random draws included, captured
+         once as a CUDA graph after the recording step and ``step.warmup_steps`` compiled steps,
+         then replayed: one launch per step, no host work, no sync. The run's generator is
+         registered with the graph, so every replay draws fresh numbers. Adam's state is
+         capturable. Metrics land in static buffers the loop reads every ``run.log_every`` steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -30,13 +33,17 @@ def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class StepRunner:
-    def __init__(self, cfg: Config, task, nets, step_fn, rng: torch.Generator, shard: Shard, device: torch.device):
-        self.cfg, self.task, self.nets, self.step_fn, self.rng, self.shard = cfg, task, nets, step_fn, rng, shard
+    def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device):
+        self.cfg, self.task, self.nets, self.step_fn, self.shard = cfg, task, nets, step_fn, shard
+        self.draws = step_fn.draws
         self.mode = cfg.step.mode
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_metrics: dict[str, torch.Tensor] | None = None
         self.capture_seconds = 0.0
         self.compile_seconds = 0.0
+        self.requests = None  # the step's random requests, recorded by its first (eager) run
+        self.compiled = None
+        self.steps = 0
         if self.mode == "graph":
             if device.type != "cuda":
                 raise UserError(f"step.mode: 'graph' captures a CUDA graph and needs a CUDA device (run.device is {device.type})")
@@ -44,38 +51,74 @@ class StepRunner:
                 raise UserError("step.mode: 'graph' runs on one process for now; use 'compile' under torchrun")
             if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
                 raise UserError("step.mode: 'graph' needs torch.cuda.CUDAGraph.register_generator_state (torch >= 2.5)")
-        if self.mode in ("compile", "graph"):
-            for name in ("generator", "ratio", "teacher", "fake_score"):
-                net = getattr(nets, name)
-                # AOTAutograd has no double backward: with R1 the ratio net stays eager.
-                if net is not None and not (name == "ratio" and cfg.method.r1_gamma > 0):
-                    net.compile(fullgraph=True, dynamic=False)
-        self._eager_steps = 0
+        # What is compiled: "step" (the whole step, one graph), "networks" (each forward), or nothing.
+        self.compiled_unit = None if self.mode == "eager" else ("step" if shard.world == 1 else "networks")
+        if self.compiled_unit == "networks":
+            self._compile_networks()
+
+    def _compile_networks(self) -> None:
+        for field in dataclasses.fields(self.nets):
+            name, net = field.name, getattr(self.nets, field.name)
+            # AOTAutograd has no double backward: with R1 the ratio net stays eager here.
+            if net is not None and not (name == "ratio" and self.cfg.method.r1_gamma > 0):
+                net.compile(fullgraph=True, dynamic=False)
+
+    def _batch(self) -> tuple:
+        batch, rng = self.cfg.optim.batch_size, self.draws.generator
+        x_real, labels_real = (_take(self.shard, t) for t in self.task.sample_real(batch, rng))
+        z, labels_fake = (_take(self.shard, t) for t in self.task.sample_latent(batch, rng))
+        return x_real, z, labels_real, labels_fake
 
     def _iteration(self) -> dict[str, torch.Tensor]:
-        batch = self.cfg.optim.batch_size
-        x_real, labels_real = (_take(self.shard, t) for t in self.task.sample_real(batch, self.rng))
-        z, labels_fake = (_take(self.shard, t) for t in self.task.sample_latent(batch, self.rng))
-        return self.step_fn(x_real, z, labels_real, labels_fake)
+        batch = self._batch()
+        if self.compiled_unit != "step":
+            return self.step_fn(*batch)
+        if self.requests is None:  # the first step: eager, and it tells what a step draws
+            with self.draws.recording() as requests:
+                metrics = self.step_fn(*batch)
+            self.requests = list(requests)
+            return metrics
+        drawn = self.draws.draw_ahead(self.requests)
+        with self.draws.replaying(drawn):
+            if self.compiled is None:
+                return self._compile_and_run(batch)
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                return self.compiled(*batch)
+
+    def _compile_and_run(self, batch: tuple) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        self.compiled = torch.compile(self.step_fn.__call__, fullgraph=True, dynamic=False)
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                metrics = self.compiled(*batch)
+        except torch._dynamo.exc.Unsupported as err:
+            reason = str(err).strip().splitlines()[0]
+            print(f"step.mode={self.mode}: torch {torch.__version__} cannot trace the whole step as one graph ({reason}); compiling each network instead")
+            self.compiled_unit, self.compiled = "networks", None
+            torch._dynamo.reset()
+            self._compile_networks()
+            metrics = self.step_fn(*batch)  # the same drawn numbers, still being replayed
+        self.compile_seconds = time.perf_counter() - t0
+        return metrics
 
     def __call__(self) -> dict[str, torch.Tensor]:
+        self.steps += 1
         if self.mode != "graph":
             t0 = time.perf_counter()
             metrics = self._iteration()
-            if self.mode == "compile" and self._eager_steps == 0:
+            if self.compiled_unit == "networks" and self.steps == 1:
                 self.compile_seconds = time.perf_counter() - t0  # the first call compiles
-            self._eager_steps += 1
             return metrics
         if self.graph is None:
-            if self._eager_steps < self.cfg.step.warmup_steps:
-                self._eager_steps += 1
+            # One recording step, then warm-up steps (compilation, lazy allocations) before capture.
+            if self.steps <= 1 + self.cfg.step.warmup_steps:
                 return self._warmup()
             self._capture()
         self.graph.replay()
         return self.static_metrics
 
     def _warmup(self) -> dict[str, torch.Tensor]:
-        # Warm-up on a side stream, as CUDA-graph capture requires (lazy allocations happen here).
+        # Warm-up on a side stream, as CUDA-graph capture requires.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -87,7 +130,7 @@ class StepRunner:
         t0 = time.perf_counter()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.rng)
+        graph.register_generator_state(self.draws.generator)
         with torch.cuda.graph(graph):
             self.static_metrics = self._iteration()
         torch.cuda.synchronize()

@@ -1,8 +1,8 @@
-"""One training iteration in eager mode: ratio (or fake-score) updates, then one generator update.
+"""One training iteration: ratio (or fake-score) updates, then one generator update.
 
 The step takes its inputs (a real batch, generator latents and their class labels, None when
-unconditional) as tensors and draws noise levels and noise from its own ``torch.Generator``, so a
-later fused/graph-captured step can refill static input buffers and keep the same arithmetic. It
+unconditional) as tensors and asks a ``Draws`` for its noise levels, noise and augmentations, so
+the same code runs eagerly and as one compiled graph (fastratio.runner, fastratio.draws). It
 returns 0-dim device tensors: nothing here syncs with the host, the loop reads metrics every
 ``log_every`` steps. With ``run.precision=bf16`` network forwards run under bf16 autocast; weights,
 gradients and optimizer state stay fp32.
@@ -23,7 +23,9 @@ from torch import nn
 from . import objectives, ops
 from .augment import augment
 from .config import Config
+from .draws import Draws
 from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
+from .optim import optimizer_step
 from .shard import SINGLE, Shard
 
 
@@ -52,22 +54,22 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def maybe_augment(x: torch.Tensor, cfg: Config, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+def maybe_augment(x: torch.Tensor, cfg: Config, draws: Draws, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, augmentation labels) for a network's training input; (x, None) when augmentation is off."""
     if cfg.augment.p > 0:
-        return augment(x, cfg.augment, rng, shard)
+        return augment(x, cfg.augment, draws, shard)
     return x, None
 
 
-def draw_sigma(cfg: Config, x0: torch.Tensor, rng: torch.Generator, shard: Shard = SINGLE) -> torch.Tensor:
+def draw_sigma(cfg: Config, x0: torch.Tensor, draws: Draws, shard: Shard = SINGLE) -> torch.Tensor:
     """One noise level per row of x0 (this rank's rows of the global draw)."""
-    return shard.take(sample_sigma(cfg.noise, shard.rows(x0.shape[0]), rng, x0.device)).to(x0.dtype)
+    return shard.take(sample_sigma(cfg.noise, shard.rows(x0.shape[0]), draws, x0.device)).to(x0.dtype)
 
 
-def draw_noised(x0: torch.Tensor, cfg: Config, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_noised(x0: torch.Tensor, cfg: Config, draws: Draws, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, sigma, eps): a noise level per sample and the forward-noised batch."""
-    sigma = draw_sigma(cfg, x0, rng, shard)
-    eps = shard.take(torch.randn((shard.rows(x0.shape[0]), *x0.shape[1:]), generator=rng, device=x0.device, dtype=x0.dtype))
+    sigma = draw_sigma(cfg, x0, draws, shard)
+    eps = shard.take(draws.randn((shard.rows(x0.shape[0]), *x0.shape[1:]), x0.device, x0.dtype))
     return add_noise(x0, sigma, eps, cfg.noise.schedule), sigma, eps
 
 
@@ -85,23 +87,14 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None else torch.cat([a, b])
 
 
-def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
-    """Backward, clip (0: off) and step; returns the pre-clip gradient norm without a host sync."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    opt.step()
-    return norm
-
-
 def dsm_update(
-    score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, rng: torch.Generator,
+    score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, draws: Draws,
     labels: torch.Tensor | None = None, shard: Shard = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising-score-matching step (Eq. 3 for the teacher on data, Eq. 4 for the fake score on
     generated samples); returns (loss, grad norm). ``score_net`` may be a DDP wrapper."""
-    x0, aug = maybe_augment(x0, cfg, rng, shard)
-    x_t, sigma, eps = draw_noised(x0, cfg, rng, shard)
+    x0, aug = maybe_augment(x0, cfg, draws, shard)
+    x_t, sigma, eps = draw_noised(x0, cfg, draws, shard)
     _, std = noise_coefficients(sigma, cfg.noise.schedule)
     weight = loss_weight(sigma, cfg.noise.weighting, cfg.model.sigma_data)
     with autocast(cfg, x0.device):
@@ -114,17 +107,17 @@ class TeacherStep:
     """Stage 1 for images: one EDM denoiser update (loss ``teacher.loss``, EDM Eq. 2) on a real batch.
     Same call signature as ``TrainStep``; the latents are unused."""
 
-    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator,
+    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], draws: Draws,
                  shard: Shard = SINGLE, wrapped: dict[str, nn.Module] | None = None):
-        self.cfg, self.opt, self.rng, self.shard = cfg, optimizers["teacher"], rng, shard
+        self.cfg, self.opt, self.draws, self.shard = cfg, optimizers["teacher"], draws, shard
         self.denoiser = (wrapped or {}).get("teacher", nets.teacher)
 
     def __call__(self, x_real, z=None, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         cfg, shard = self.cfg, self.shard
-        x, aug = maybe_augment(x_real, cfg, self.rng, shard)
+        x, aug = maybe_augment(x_real, cfg, self.draws, shard)
         n = shard.rows(x.shape[0])
-        sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.rng, x.device, cfg.model.sigma_data))
-        noise = shard.take(torch.randn((n, *x.shape[1:]), generator=self.rng, device=x.device))
+        sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.draws, x.device, cfg.model.sigma_data))
+        noise = shard.take(self.draws.randn((n, *x.shape[1:]), x.device))
         with autocast(cfg, x.device):
             denoised = self.denoiser(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels_real, aug)
         loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
@@ -134,9 +127,9 @@ class TeacherStep:
 class TrainStep:
     """Callable ``step(x_real, z, labels_real, labels_fake) -> metrics`` implementing the configured method."""
 
-    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], rng: torch.Generator,
+    def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], draws: Draws,
                  shard: Shard = SINGLE, wrapped: dict[str, nn.Module] | None = None):
-        self.cfg, self.nets, self.opt, self.rng, self.shard = cfg, nets, optimizers, rng, shard
+        self.cfg, self.nets, self.opt, self.draws, self.shard = cfg, nets, optimizers, draws, shard
         # Forwards whose parameter gradients are all-reduced go through the DDP wrappers; the ratio
         # net's input-gradient query in the generator update uses the bare module (no parameter
         # gradient, so no reduction may be pending there).
@@ -150,8 +143,8 @@ class TrainStep:
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, sigma) for the ratio and generator updates, which never need eps itself."""
-        sigma = draw_sigma(self.cfg, x0, self.rng, self.shard)
-        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.rng, self.triton, self.shard), sigma
+        sigma = draw_sigma(self.cfg, x0, self.draws, self.shard)
+        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.draws, self.triton, self.shard), sigma
 
     def _weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return loss_weight(sigma, self.cfg.noise.weighting, self.cfg.model.sigma_data)
@@ -163,8 +156,8 @@ class TrainStep:
     def ratio_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         """Classifier step, real y=1 vs generated y=0, each noised at its own sigma; both halves go
         through one forward (one DDP reduction, one launch per layer)."""
-        x_real, aug_real = maybe_augment(x_real, self.cfg, self.rng, self.shard)
-        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.rng, self.shard)
+        x_real, aug_real = maybe_augment(x_real, self.cfg, self.draws, self.shard)
+        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.draws, self.shard)
         xt_real, sigma_real = self._noised(x_real)
         xt_fake, sigma_fake = self._noised(x_fake)
         gamma = self.cfg.method.r1_gamma
@@ -194,7 +187,7 @@ class TrainStep:
 
     def fake_score_update(self, x_fake: torch.Tensor, labels_fake=None) -> dict[str, torch.Tensor]:
         """Denoising score matching of the generator's samples (the VSD 'fake' score, Eq. 4)."""
-        loss, norm = dsm_update(self.wrapped["fake_score"], self.opt["fake_score"], x_fake, self.cfg, self.rng, labels_fake, self.shard)
+        loss, norm = dsm_update(self.wrapped["fake_score"], self.opt["fake_score"], x_fake, self.cfg, self.draws, labels_fake, self.shard)
         return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
 
     # -- generator -------------------------------------------------------------------------------

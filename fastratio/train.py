@@ -21,7 +21,9 @@ from . import config as config_mod
 from .config import Config
 from .ema import EMA, ema_beta
 from .errors import UserError, run_cli
+from .draws import Draws
 from .guard import DivergenceWatch, StopRequest
+from .optim import make_adam
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
 from .runner import StepRunner
 from .shard import Shard
@@ -37,11 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("run.device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
-
-
-def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
-    # graph mode replays Adam inside a CUDA graph: its step counters must live on the device.
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=cfg.step.mode == "graph")
 
 
 def trained_role(cfg: Config) -> str:
@@ -60,7 +57,7 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     """Stage 1: fit the teacher score by DSM on data; the fake score starts from it (as in VSD)."""
     opt = make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)
     for _ in tqdm(range(cfg.method.teacher_steps), desc="teacher", disable=not cfg.run.progress):
-        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng)[0], cfg, rng)
+        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng)[0], cfg, Draws(rng))
     nets.teacher.requires_grad_(False).eval()
     nets.fake_score.load_state_dict(nets.teacher.state_dict())
 
@@ -160,8 +157,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
 
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
-    step_fn = step_cls(cfg, nets, opts, rng, shard, wrapped)
-    runner = StepRunner(cfg, task, nets, step_fn, rng, shard, device)
+    step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
+    runner = StepRunner(cfg, task, nets, step_fn, shard, device)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).

@@ -4,6 +4,7 @@ import torch
 
 from fastratio.augment import augment
 from fastratio.config import AugmentConfig
+from fastratio.draws import Draws
 
 
 def _x(n=6, c=2, h=5, w=7):
@@ -12,13 +13,13 @@ def _x(n=6, c=2, h=5, w=7):
 
 def test_off_is_identity_with_zero_labels():
     x = _x()
-    out, labels = augment(x, AugmentConfig(p=0.0), torch.Generator().manual_seed(0))
+    out, labels = augment(x, AugmentConfig(p=0.0), Draws(torch.Generator().manual_seed(0)))
     assert torch.equal(out, x) and labels.shape == (6, 9) and not labels.any()
 
 
 def test_flips_and_translations_match_their_labels():
     x = _x(n=64)
-    out, labels = augment(x, AugmentConfig(p=1.0, xflip=True, translate=0.3), torch.Generator().manual_seed(1))
+    out, labels = augment(x, AugmentConfig(p=1.0, xflip=True, translate=0.3), Draws(torch.Generator().manual_seed(1)))
     w, h = x.shape[3], x.shape[2]
     assert labels[:, 0].sum() > 10 and labels[:, 0].sum() < 54  # about half flipped at p = 1
     assert labels[:, 1:7].abs().sum() == 0
@@ -38,6 +39,6 @@ def test_flips_and_translations_match_their_labels():
 def test_gradients_flow_through_augmentation():
     x = torch.randn(4, 1, 6, 6, dtype=torch.float64, requires_grad=True)
     cfg = AugmentConfig(p=1.0)
-    out, _ = augment(x, cfg, torch.Generator().manual_seed(2))
+    out, _ = augment(x, cfg, Draws(torch.Generator().manual_seed(2)))
     out.square().sum().backward()
     assert x.grad.abs().sum() > 0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastratio.config import NoiseConfig
+from fastratio.draws import Draws
 from fastratio.noise import add_noise, loss_weight, noise_coefficients, sample_sigma
 
 
@@ -15,13 +16,13 @@ from fastratio.noise import add_noise, loss_weight, noise_coefficients, sample_s
     ],
 )
 def test_sigma_distributions_have_the_right_log_moments(cfg, log_mean, log_std):
-    s = sample_sigma(cfg, 200_000, torch.Generator().manual_seed(0), torch.device("cpu")).double().log()
+    s = sample_sigma(cfg, 200_000, Draws(torch.Generator().manual_seed(0)), torch.device("cpu")).double().log()
     assert float(s.mean()) == pytest.approx(log_mean, abs=0.02)
     assert float(s.std()) == pytest.approx(log_std, abs=0.02)
 
 
 def test_fixed_and_uniform_sigma():
-    rng = torch.Generator().manual_seed(0)
+    rng = Draws(torch.Generator().manual_seed(0))
     assert (sample_sigma(NoiseConfig(sigma_dist="fixed", sigma_fixed=2.5), 5, rng, torch.device("cpu")) == 2.5).all()
     u = sample_sigma(NoiseConfig(sigma_dist="uniform", sigma_min=0.5, sigma_max=1.5), 100_000, rng, torch.device("cpu"))
     assert 0.5 <= float(u.min()) and float(u.max()) <= 1.5 and float(u.mean()) == pytest.approx(1.0, abs=0.01)
@@ -41,7 +42,7 @@ def test_ve_and_vp_noising():
 def test_teacher_sigma_laws_are_edms_table_1():
     from fastratio.noise import teacher_sigma
 
-    g = torch.Generator().manual_seed(0)
+    g = Draws(torch.Generator().manual_seed(0))
     sigma, weight = teacher_sigma("edm", 200_000, g, torch.device("cpu"), sigma_data=0.5)
     assert abs(float(sigma.log().mean()) + 1.2) < 0.01 and abs(float(sigma.log().std()) - 1.2) < 0.01
     torch.testing.assert_close(weight, (sigma**2 + 0.25) / (sigma * 0.5) ** 2)

@@ -5,11 +5,12 @@ import torch
 
 from fastratio import toy
 from fastratio.config import from_dict
+from fastratio.draws import Draws
 from fastratio.ema import EMA
 from fastratio.estimators import shifted_ring
 from fastratio.networks.mlp import MLPRatio
+from fastratio.optim import make_adam
 from fastratio.step import Networks, TrainStep
-from fastratio.train import make_adam
 from fastratio.verifier import best_of_n, realness
 
 
@@ -23,7 +24,7 @@ def test_best_of_n_reduces_energy_distance_and_the_oracle_does_at_least_as_well(
                      "noise": {"sigma_dist": "loguniform", "sigma_min": 0.05, "sigma_max": 1.0}})
     ratio = MLPRatio(2, 64, 3, 1.0, "ve")
     rng = torch.Generator().manual_seed(0)
-    step = TrainStep(cfg, Networks(generator, ratio=ratio), {"ratio": make_adam(ratio.parameters(), 5e-4, cfg)}, rng)
+    step = TrainStep(cfg, Networks(generator, ratio=ratio), {"ratio": make_adam(ratio.parameters(), 5e-4, cfg)}, Draws(rng))
     # The verifier reads the ratio net's EMA, as the trainer saves it: the live classifier's logits
     # swing from step to step and best-of-N amplifies their outliers (a live net scores 0.05-0.09 here).
     averaged = EMA(ratio)

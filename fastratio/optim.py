@@ -1,0 +1,59 @@
+"""Adam and the update every network of a step goes through, written so torch.compile can trace a
+whole training step, backward passes and optimizer steps included, into one graph.
+
+``Optimizer.step`` and ``Optimizer.zero_grad`` are deliberately opaque to dynamo (the step forces
+graph breaks around itself). Inside a compiled step ``adam_update`` therefore calls
+``torch.optim.adam.adam``, the functional routine ``Adam.step`` itself runs, on the optimizer's own
+state: the arithmetic is torch's Adam and the state dict stays the standard one. Eager steps call
+``opt.step()``, which also creates the state on the first step (a compiled step always follows at
+least one eager step, fastratio.runner).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.adam import adam
+
+from .config import Config
+
+
+def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
+    # graph mode replays Adam inside a CUDA graph: its step counters must live on the device.
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=cfg.step.mode == "graph")
+
+
+def adam_update(opt: torch.optim.Adam) -> None:
+    """``opt.step()``, traceable by dynamo once the state exists."""
+    if not torch.compiler.is_compiling():
+        opt.step()
+        return
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        state = [opt.state[p] for p in params]
+        with torch.no_grad():
+            adam(
+                params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                [s["max_exp_avg_sq"] for s in state] if group["amsgrad"] else [], [s["step"] for s in state],
+                foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
+                fused=group["fused"], amsgrad=group["amsgrad"], beta1=group["betas"][0], beta2=group["betas"][1],
+                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            )
+
+
+def optimizer_step(module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """Backward, clip (0: off) and Adam step; returns the pre-clip gradient norm without a host sync."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if torch.compiler.is_compiling():
+        # dynamo's rewrite of loss.backward() hands parameters the loss never reaches (say, the
+        # augmentation embedding at zero augmentation) gradients of the wrong shape; autograd.grad
+        # with allow_unused gives them None, as backward leaves them in eager.
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            p.grad = g
+    else:
+        for p in params:
+            p.grad = None
+        loss.backward()  # DDP's gradient all-reduce hooks fire here
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    adam_update(opt)
+    return norm
