@@ -155,7 +155,9 @@ def measure(name: str, cfg: config.Config, device: torch.device, steps: int, war
         torch.cuda.reset_peak_memory_stats(device)
     nets, runner = _build(cfg, device)
     t0 = time.perf_counter()
-    for _ in range(warmup):
+    # Untimed: compile's recording and compiling steps; graph's recording, warm-up and capture steps.
+    needed = {"eager": 0, "compile": 2, "graph": 2 + cfg.step.warmup_steps}[cfg.step.mode]
+    for _ in range(max(warmup, needed)):
         runner()
     _sync(device)
     setup_s = time.perf_counter() - t0
@@ -176,7 +178,7 @@ def measure(name: str, cfg: config.Config, device: torch.device, steps: int, war
     achieved = flops / (med / 1e3) / 1e12
     params = {role: sum(p.numel() for p in getattr(nets, role).parameters()) for role in ("generator", "ratio", "teacher", "fake_score") if getattr(nets, role) is not None}
     return {
-        "config": name, "method": cfg.method.name, "mode": cfg.step.mode, "precision": cfg.run.precision,
+        "config": name, "method": cfg.method.name, "mode": cfg.step.mode, "compiled": runner.compiled_unit, "precision": cfg.run.precision,
         "batch": cfg.optim.batch_size, "ms_median": med, "ms_p20": p20, "ms_p80": p80,
         "images_per_s": cfg.optim.batch_size / (med / 1e3), "peak_memory_mb": _peak_memory_mb(device),
         "compile_s": runner.compile_seconds, "capture_s": runner.capture_seconds, "warmup_s": setup_s,

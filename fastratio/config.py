@@ -132,8 +132,8 @@ class EvalConfig:
 
 @dataclass
 class StepConfig:
-    mode: str = "eager"  # eager | compile (networks under torch.compile, fullgraph) | graph (whole step as one CUDA graph; CUDA, one process)
-    warmup_steps: int = 3  # graph: eager steps run before capture (allocations, autotuning); they are real training steps
+    mode: str = "eager"  # eager | compile (the whole step as one torch.compile graph) | graph (the whole iteration as one CUDA graph; CUDA, one process)
+    warmup_steps: int = 3  # graph: compiled steps run before capture (after the eager recording step); they are real training steps
 
 
 @dataclass
@@ -275,7 +275,7 @@ def validate(cfg: Config) -> Config:
     if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):
         raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
     if cfg.step.mode == "graph" and cfg.step.warmup_steps < 1:
-        raise ConfigError("step.warmup_steps: graph mode needs >= 1 eager step before capture (optimizer state, compilation)")
+        raise ConfigError("step.warmup_steps: graph mode needs >= 1 compiled step before capture (compilation, lazy allocations)")
     _validate_images(cfg)
     return cfg
 

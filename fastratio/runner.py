@@ -18,6 +18,7 @@ graph    (CUDA, one process) the compile step, data sampling and random draws in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -26,6 +27,13 @@ import torch
 from .config import Config
 from .errors import UserError
 from .shard import Shard
+
+
+def _tracing_autograd():
+    """Let dynamo trace backward and autograd.grad (a torch without the switch falls back, see above)."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return torch._dynamo.config.patch(trace_autograd_ops=True)
+    return contextlib.nullcontext()
 
 
 def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -82,14 +90,14 @@ class StepRunner:
         with self.draws.replaying(drawn):
             if self.compiled is None:
                 return self._compile_and_run(batch)
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            with _tracing_autograd():
                 return self.compiled(*batch)
 
     def _compile_and_run(self, batch: tuple) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         self.compiled = torch.compile(self.step_fn.__call__, fullgraph=True, dynamic=False)
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            with _tracing_autograd():
                 metrics = self.compiled(*batch)
         except torch._dynamo.exc.Unsupported as err:
             reason = str(err).strip().splitlines()[0]
