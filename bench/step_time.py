@@ -36,7 +36,7 @@ from fastratio.shard import SINGLE
 from fastratio.step import TrainStep
 from fastratio.tasks import build_task
 from fastratio.tasks.image import network_kwargs
-from fastratio.train import build_optimizers, trained_role
+from fastratio.train import build_averages, build_optimizers, trained_role
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import quantiles_ms
@@ -122,7 +122,7 @@ def _build(cfg: config.Config, device: torch.device):
     opts = build_optimizers(nets, cfg)
     rng = torch.Generator(device).manual_seed(0)
     step = TrainStep(cfg, nets, opts, Draws(rng), SINGLE, None)
-    return nets, StepRunner(cfg, task, nets, step, SINGLE, device)
+    return nets, StepRunner(cfg, task, nets, step, SINGLE, device, build_averages(nets, cfg)[2])
 
 
 def _flops(cfg, device) -> int:

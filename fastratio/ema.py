@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 
-def ema_beta(batch_size: int, nimg: int, halflife_kimg: float, rampup: float) -> float:
+def ema_beta(batch_size: int, nimg: torch.Tensor, halflife_kimg: float, rampup: float) -> torch.Tensor:
     """Per-step decay so that a weight halves after ``halflife_kimg`` thousand images; during ramp-up
-    the half-life is at most ``rampup`` times the images seen so far (early weights fade quickly)."""
-    halflife_nimg = halflife_kimg * 1000
+    the half-life is at most ``rampup`` times the images seen so far (early weights fade quickly).
+    ``nimg`` (images seen, this step's included) is a 0-dim device tensor, so the decay is computed
+    inside a compiled or captured step instead of being passed in from the host."""
+    halflife_nimg = torch.full_like(nimg, halflife_kimg * 1000)
     if rampup > 0:
-        halflife_nimg = min(halflife_nimg, nimg * rampup)
-    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+        halflife_nimg = torch.minimum(halflife_nimg, nimg * rampup)
+    return 0.5 ** (batch_size / halflife_nimg.clamp_min(1e-8))
 
 
 class EMA(nn.Module):
@@ -25,10 +27,13 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(module).requires_grad_(False).eval()
 
     @torch.no_grad()
-    def update(self, live: nn.Module, beta: float) -> None:
+    def update(self, live: nn.Module, beta: float | torch.Tensor) -> None:
         ema_params = list(self.module.parameters())
         live_params = list(live.parameters())
-        torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)
+        weight = 1.0 - beta
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(ema_params[0].dtype)
+        torch._foreach_lerp_(ema_params, live_params, weight)
         for ema_buf, buf in zip(self.module.buffers(), live.buffers()):
             ema_buf.copy_(buf)
 

@@ -25,6 +25,7 @@ import time
 import torch
 
 from .config import Config
+from .ema import EMA, ema_beta
 from .errors import UserError
 from .shard import Shard
 
@@ -41,7 +42,8 @@ def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class StepRunner:
-    def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device):
+    def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device,
+                 averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = ()):
         self.cfg, self.task, self.nets, self.step_fn, self.shard = cfg, task, nets, step_fn, shard
         self.draws = step_fn.draws
         self.mode = cfg.step.mode
@@ -52,6 +54,11 @@ class StepRunner:
         self.requests = None  # the step's random requests, recorded by its first (eager) run
         self.compiled = None
         self.steps = 0
+        # (EMA, live module, half-life in kimg): averaged after every step, inside the captured graph.
+        self.averages = averages
+        # Images seen, kept on the device so the EMA decays need nothing from the host; the loop
+        # sets it once when it resumes.
+        self.nimg = torch.zeros((), dtype=torch.float64, device=device)
         if self.mode == "graph":
             if device.type != "cuda":
                 raise UserError(f"step.mode: 'graph' captures a CUDA graph and needs a CUDA device (run.device is {device.type})")
@@ -78,7 +85,11 @@ class StepRunner:
         return x_real, z, labels_real, labels_fake
 
     def _iteration(self) -> dict[str, torch.Tensor]:
-        batch = self._batch()
+        metrics = self._step(self._batch())
+        self._average()
+        return metrics
+
+    def _step(self, batch: tuple) -> dict[str, torch.Tensor]:
         if self.compiled_unit != "step":
             return self.step_fn(*batch)
         if self.requests is None:  # the first step: eager, and it tells what a step draws
@@ -92,6 +103,12 @@ class StepRunner:
                 return self._compile_and_run(batch)
             with _tracing_autograd():
                 return self.compiled(*batch)
+
+    def _average(self) -> None:
+        batch = self.cfg.optim.batch_size
+        self.nimg += batch
+        for ema, live, halflife_kimg in self.averages:
+            ema.update(live, ema_beta(batch, self.nimg, halflife_kimg, self.cfg.optim.ema_rampup))
 
     def _compile_and_run(self, batch: tuple) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from . import config as config_mod
 from .config import Config
-from .ema import EMA, ema_beta
+from .ema import EMA
 from .errors import UserError, run_cli
 from .draws import Draws
 from .guard import DivergenceWatch, StopRequest
@@ -51,6 +51,18 @@ def build_optimizers(nets: Networks, cfg: Config) -> dict[str, torch.optim.Optim
         return {"teacher": make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)}
     lrs = {"generator": cfg.optim.gen_lr, "ratio": cfg.optim.ratio_lr, "fake_score": cfg.optim.ratio_lr}
     return {name: make_adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
+
+
+def build_averages(nets: Networks, cfg: Config) -> tuple[EMA, EMA | None, tuple]:
+    """(EMA of the trained network, EMA of the ratio net or None, the runner's (EMA, live, half-life) list)."""
+    trained = getattr(nets, trained_role(cfg))
+    ema = EMA(trained)
+    averages = ((ema, trained, cfg.optim.ema_halflife_kimg),)
+    ratio_ema = None
+    if nets.ratio is not None:  # read by the best-of-N verifier
+        ratio_ema = EMA(nets.ratio)
+        averages += ((ratio_ema, nets.ratio, cfg.optim.ratio_ema_halflife_kimg),)
+    return ema, ratio_ema, averages
 
 
 def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) -> None:
@@ -136,9 +148,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
     if found is None and toy_teacher:
         pretrain_teacher(task, nets, cfg, rng)
-    trained = getattr(nets, trained_role(cfg))
-    ema = EMA(trained)
-    ratio_ema = EMA(nets.ratio) if nets.ratio is not None else None
+    ema, ratio_ema, averages = build_averages(nets, cfg)
     start, nimg = 0, 0
     last_good = "none yet"
     # The default generators (dropout) differ per rank. One process resumes them exactly from the
@@ -158,7 +168,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
-    runner = StepRunner(cfg, task, nets, step_fn, shard, device)
+    runner = StepRunner(cfg, task, nets, step_fn, shard, device, averages)
+    runner.nimg.fill_(nimg)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).
@@ -176,9 +187,6 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
             watch.update(metrics, step)
             acc.add(metrics)
             nimg += global_batch
-            ema.update(trained, ema_beta(global_batch, nimg, cfg.optim.ema_halflife_kimg, cfg.optim.ema_rampup))
-            if ratio_ema is not None:
-                ratio_ema.update(nets.ratio, ema_beta(global_batch, nimg, cfg.optim.ratio_ema_halflife_kimg, cfg.optim.ema_rampup))
             bar.update(1)
 
             last = step == cfg.run.steps
