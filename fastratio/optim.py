@@ -19,8 +19,11 @@ from .config import Config
 
 
 def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
-    # graph mode replays Adam inside a CUDA graph: its step counters must live on the device.
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=cfg.step.mode == "graph")
+    params = list(params)
+    # Compiled and captured steps keep Adam's step counters on the GPU: a CUDA graph cannot read
+    # host tensors, and a compiled step should not mix them into its device arithmetic.
+    capturable = cfg.step.mode != "eager" and params[0].is_cuda
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=capturable)
 
 
 def adam_update(opt: torch.optim.Adam) -> None:

@@ -5,15 +5,16 @@ compile  the whole step (ratio or fake-score updates, generator update, every ba
          gradient clipping and both Adam steps) is one ``torch.compile(fullgraph=True)`` graph.
          The first step runs eagerly and records the step's random requests (fastratio.draws);
          later steps draw them ahead from the run's generator and hand them to the compiled step,
-         so compile consumes exactly eager's random numbers. Dynamo traces ``backward`` and
-         ``autograd.grad`` under ``trace_autograd_ops``; a torch that cannot (or a step it cannot
-         trace) gets a one-line notice and per-network compilation instead. Under torchrun the
-         networks are compiled one by one: DDP's all-reduce hooks run in eager autograd.
-graph    (CUDA, one process) the compile step, data sampling and random draws included, captured
-         once as a CUDA graph after the recording step and ``step.warmup_steps`` compiled steps,
-         then replayed: one launch per step, no host work, no sync. The run's generator is
-         registered with the graph, so every replay draws fresh numbers. Adam's state is
-         capturable. Metrics land in static buffers the loop reads every ``run.log_every`` steps.
+         so compile consumes exactly eager's random numbers. Dynamo traces the backward passes
+         (``autograd.grad``) under ``trace_autograd_ops``. A torch that cannot trace the step gets
+         a one-line notice and per-network compilation instead. Under torchrun the networks are
+         compiled one by one: DDP's all-reduce hooks run in eager autograd.
+graph    (CUDA, one process) the compiled step, with data sampling, random draws and EMA updates,
+         captured once as a CUDA graph after the recording step and ``step.warmup_steps``
+         compiled steps, then replayed: one launch per step, no host work, no sync. The run's
+         generator is registered with the graph, so every replay draws fresh numbers. Adam's
+         state is capturable. Metrics land in static buffers the loop reads every
+         ``run.log_every`` steps.
 """
 
 from __future__ import annotations
