@@ -24,11 +24,17 @@ import dataclasses
 import time
 
 import torch
+import torch._inductor.exc
 
 from .config import Config
 from .ema import EMA, ema_beta
 from .errors import UserError
 from .shard import Shard
+
+
+# A compiler crash (say, inductor's CPU code generation on some bf16 graphs in torch 2.14) is a
+# toolchain failure, not something per-network compilation would avoid: it stops the run with one line.
+_COMPILER_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, getattr(torch._inductor.exc, "InductorError", torch._dynamo.exc.BackendCompilerFailed))
 
 
 def _tracing_autograd():
@@ -124,6 +130,11 @@ class StepRunner:
             torch._dynamo.reset()
             self._compile_networks()
             metrics = self.step_fn(*batch)  # the same drawn numbers, still being replayed
+        except _COMPILER_FAILURES as err:
+            cause = getattr(err, "inner_exception", None) or err
+            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            raise UserError(f"step.mode={self.mode}: the compiler failed on this step ({reason}); "
+                            "use step.mode=eager, or on a CPU try run.precision=fp32") from None
         self.compile_seconds = time.perf_counter() - t0
         return metrics
 

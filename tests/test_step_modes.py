@@ -104,6 +104,19 @@ def test_a_step_dynamo_cannot_trace_falls_back_to_compiled_networks_with_a_notic
     _assert_same_run(eager, compiled)
 
 
+def test_a_compiler_crash_stops_with_one_line_naming_the_mode(tmp_path, monkeypatch):
+    from fastratio import runner as runner_mod
+
+    def crashing_backend(gm, example_inputs):
+        raise ValueError("code generation failed")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(runner_mod.torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": crashing_backend}))
+    torch._dynamo.reset()
+    with pytest.raises(UserError, match=r"step.mode=compile: the compiler failed on this step \(.*code generation failed"):
+        train(_cfg(tmp_path, "step.mode=compile"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
 @pytest.mark.parametrize("method", ["diffratio", "vsd"])
 def test_graph_mode_replays_the_eager_run(tmp_path, method):
