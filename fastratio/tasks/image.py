@@ -15,7 +15,6 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import checkpoint, datasets
 from ..config import Config
@@ -132,7 +131,9 @@ class ImageTask:
 
     # -- data ------------------------------------------------------------------------------------
     def _one_hot(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        return None if labels is None else F.one_hot(labels, self.num_classes).float()
+        # A comparison, not F.one_hot: no range check that could read the labels back to the host
+        # inside a captured step.
+        return None if labels is None else (labels[:, None] == torch.arange(self.num_classes, device=labels.device)).float()
 
     def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = torch.randint(self.images.shape[0], (n,), generator=rng, device=self.device)
