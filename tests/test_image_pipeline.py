@@ -137,3 +137,22 @@ def test_teacher_resume_is_exact_with_dropout_and_augmentation(fashion, tmp_path
     assert losses[0] == losses[1] and len(losses[0]) == 4
     a, b = (checkpoint.load(checkpoint.list_checkpoints(run)[-1])["nets"]["teacher"] for run in (full, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # a cold whole-step compile of even this tiny UNet takes minutes on 2 cores; the toy version runs by default (test_step_modes.py)
+def test_compiled_image_step_matches_eager(teacher_run, fashion, tmp_path):
+    """The DDPM++ stage-2 step (DiJS through the Triton kernels, augmentation, class labels) as one
+    compiled graph gives eager's losses and weights."""
+    ckpt = checkpoint.list_checkpoints(teacher_run)[-1]
+    common = [f"data.path={fashion}", f"teacher.checkpoint={ckpt}", "run.steps=4", "run.kernels=triton", "run.plot_every=0",
+              "run.eval_every=100", "model.augment_dim=9", "augment.p=0.5", "data.conditional=true"]
+    eager = train(_load("fashion_mnist", f"run.out_dir={tmp_path / 'eager'}", *common))
+    torch._dynamo.reset()
+    compiled = train(_load("fashion_mnist", f"run.out_dir={tmp_path / 'compile'}", "step.mode=compile", *common))
+    for a, b in zip(read_jsonl(eager / "metrics.jsonl"), read_jsonl(compiled / "metrics.jsonl"), strict=True):
+        for key in ("ratio_loss", "ratio_grad_norm", "gen_direction_norm", "gen_grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    wa, wb = (checkpoint.load(checkpoint.list_checkpoints(run)[-1])["nets"] for run in (eager, compiled))
+    for role in wa:
+        for key in wa[role]:
+            torch.testing.assert_close(wb[role][key], wa[role][key], rtol=1e-4, atol=1e-5)
