@@ -38,7 +38,8 @@ _COMPILER_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, getattr(torch._in
 
 
 def _tracing_autograd():
-    """Let dynamo trace backward and autograd.grad (a torch without the switch falls back, see above)."""
+    """Let dynamo trace autograd.grad; a torch without the switch cannot, and the step falls back
+    to per-network compilation (StepRunner._compile_and_run)."""
     if hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return torch._dynamo.config.patch(trace_autograd_ops=True)
     return contextlib.nullcontext()
