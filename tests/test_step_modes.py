@@ -1,5 +1,7 @@
-"""step.mode: compile gives the eager numbers, compiles once (no recompiles across steps, no graph
-break: fullgraph=True), graph mode refuses without CUDA; R1 penalty through a double backward."""
+"""step.mode: compile runs the whole step as one graph (fullgraph=True, one graph counted, no
+recompiles across steps) with eager's numbers and random stream; a step dynamo cannot trace falls
+back to compiled networks, a compiler crash stops with one line; graph mode refuses without CUDA
+and, on a GPU, replays the eager run; R1 penalty through a double backward."""
 
 from pathlib import Path
 
