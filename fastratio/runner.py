@@ -51,7 +51,7 @@ def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
 
 class StepRunner:
     def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device,
-                 averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = ()):
+                 averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = (), nimg: int = 0):
         self.cfg, self.task, self.nets, self.step_fn, self.shard = cfg, task, nets, step_fn, shard
         self.draws = step_fn.draws
         self.mode = cfg.step.mode
@@ -64,9 +64,9 @@ class StepRunner:
         self.steps = 0
         # (EMA, live module, half-life in kimg): averaged after every step, inside the captured graph.
         self.averages = averages
-        # Images seen, kept on the device so the EMA decays need nothing from the host; the loop
-        # sets it once when it resumes.
-        self.nimg = torch.zeros((), dtype=torch.float64, device=device)
+        # Images seen (nimg when a run resumes), kept on the device so the EMA decays need nothing
+        # from the host.
+        self.nimg = torch.full((), float(nimg), dtype=torch.float64, device=device)
         if self.mode == "graph":
             if device.type != "cuda":
                 raise UserError(f"step.mode: 'graph' captures a CUDA graph and needs a CUDA device (run.device is {device.type})")

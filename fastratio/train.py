@@ -19,9 +19,9 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from . import config as config_mod
 from .config import Config
+from .draws import Draws
 from .ema import EMA
 from .errors import UserError, run_cli
-from .draws import Draws
 from .guard import DivergenceWatch, StopRequest
 from .optim import make_adam
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
@@ -168,8 +168,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
-    runner = StepRunner(cfg, task, nets, step_fn, shard, device, averages)
-    runner.nimg.fill_(nimg)
+    runner = StepRunner(cfg, task, nets, step_fn, shard, device, averages, nimg)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).
