@@ -73,9 +73,11 @@ _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["t
 
 def _cifar_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        batch = safe_pickle.load(raw, safe_pickle.NUMPY_GLOBALS, name, encoding="bytes")
+        batch = safe_pickle.load(raw, safe_pickle.NUMPY_HANDLERS, name, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except safe_pickle.MalformedPickleError as err:
+        raise UserError(f"{name}: not a CIFAR-10 python batch ({str(err).removeprefix(f'{name}: ')})") from None
     except safe_pickle.UnsafePickleError as err:
         raise UserError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt batch

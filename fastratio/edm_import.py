@@ -1,23 +1,27 @@
-"""Load NVlabs/edm snapshots (``network-snapshot-*.pkl``, ``edm-*.pkl``) without running their code.
+"""Load NVlabs/edm snapshots (``network-snapshot-*.pkl``, the released ``edm-*.pkl``) without running their code.
 
-EDM pickles its networks with ``torch_utils.persistence``: each network object is stored as a call
-``_reconstruct_persistent_obj(meta)`` where ``meta`` holds the class name, the *source code of the
-whole module* (which EDM's loader exec()s) and the object's ``__dict__`` (``_parameters``,
-``_buffers``, ``_modules``, ``_init_kwargs``, ...). Plain ``torch.nn`` containers come through
-``copyreg._reconstructor``; tensors through ``torch._utils._rebuild_tensor_v2`` over storages that
-are themselves small legacy ``torch.save`` archives (``torch.storage._load_from_bytes``).
+EDM's training loop pickles ``dict(ema=net, loss_fn=..., augment_pipe=..., dataset_kwargs=...)``.
+Each EDM class (``torch_utils.persistence``) is stored as a call ``_reconstruct_persistent_obj(meta)``
+whose ``meta`` holds the class name, the *source code of its whole module* (which EDM's loader
+exec()s) and the object's ``__dict__`` (``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``).
+Plain ``torch.nn`` containers (the UNets' ``ModuleDict``) come through ``NEWOBJ`` (or
+``copyreg._reconstructor`` at protocols 0-1) plus ``BUILD``; tensors through
+``torch._utils._rebuild_tensor_v2`` over storages that are small legacy ``torch.save`` archives
+(``torch.storage._load_from_bytes``).
 
-Here the unpickler resolves those names to inert stand-ins that only record data: the module source
-is kept as a string and never executed, storages are read with ``torch.load(weights_only=True)``,
-and any other global (``os.system``, ``builtins.eval``, an unknown class) is refused with an error
-naming it. The result is the network's constructor kwargs and a flat state_dict, which
-``fastratio.networks.unet.EDMPrecond`` loads strictly.
+``fastratio.safe_pickle`` runs the pickle with handlers that only record data: the module source
+stays a string, storages are read by ``torch.load(weights_only=True)``, and every other name is
+refused. The record tree is then checked (types, depth, cycles, sizes) and becomes constructor
+kwargs plus a flat state_dict that ``fastratio.networks.unet`` loads strictly. Supported:
+``EDMPrecond`` over DDPM++/NCSN++ (``SongUNet``) or ADM (``DhariwalUNet``), which covers every
+released ``edm-*`` network, and the ``VPPrecond``/``VEPrecond`` baselines. ``iDDPMPrecond`` (learned
+variance, discrete noise levels) is refused by name.
 """
 
 from __future__ import annotations
 
-import collections
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,80 +29,149 @@ import torch
 
 from . import safe_pickle
 from .errors import UserError
-from .networks.unet import EDMPrecond
+from .networks.unet import PRECONDS, Precond, build_denoiser
+
+_MAX_DEPTH = 64  # module nesting and kwargs nesting; EDM's deepest is about 5
+_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
 
 
-class PersistentRecord:
-    """What EDM's persistent object holds, as data: class name, source text (never run), state."""
+class PersistentRecord(safe_pickle.Record):
+    """An EDM persistent object as data: class name, source text (never run), state."""
 
-    def __init__(self, meta: dict):
-        if not isinstance(meta, dict) or meta.get("type") != "class":
-            raise safe_pickle.UnsafePickleError(f"unexpected persistence record {type(meta).__name__}")
-        self.class_name = str(meta.get("class_name"))
+    def __init__(self, meta: Any):
+        if type(meta) is not dict or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
+            raise safe_pickle.UnsafePickleError("unexpected persistence record")
+        self.class_name = meta["class_name"]
         self.module_src = meta.get("module_src")
-        self.state = meta.get("state") or {}
+        self.state = meta.get("state") if meta.get("state") is not None else {}
 
 
-class ModuleRecord:
-    """A plain torch.nn container (ModuleDict, ModuleList, Sequential) rebuilt as a bare record."""
+class ModuleRecord(safe_pickle.Record):
+    """A plain torch.nn container rebuilt as a bare record of its ``__dict__``."""
 
     def __init__(self, class_name: str):
         self.class_name, self.state = class_name, {}
 
-    def __setstate__(self, state: dict) -> None:
+    def build(self, state: Any) -> ModuleRecord:
+        if type(state) is not dict:
+            raise safe_pickle.UnsafePickleError(f"{self.class_name} state is a {type(state).__name__}, not a dict")
         self.state = state
+        return self
 
 
-_CONTAINERS = {"ModuleDict", "ModuleList", "Sequential"}
+def _load_storage(raw: Any) -> Any:
+    if not isinstance(raw, bytes):
+        raise safe_pickle.UnsafePickleError("storage payload is not bytes")
+    storage = torch.load(io.BytesIO(raw), weights_only=True)
+    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
+        raise safe_pickle.UnsafePickleError(f"storage payload holds a {type(storage).__name__}")
+    return storage
 
 
-def _reconstructor(cls: Any, base: Any, state: Any) -> ModuleRecord:
-    if not isinstance(cls, _ContainerClass) or base is not object:
-        raise safe_pickle.UnsafePickleError(f"copyreg reconstruction of {cls!r} refused")
-    return ModuleRecord(cls.name)
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or len(value) > 16 or not all(type(v) is int and 0 <= v < 2**40 for v in value):
+        raise safe_pickle.UnsafePickleError(f"tensor {what} must be a short tuple of non-negative ints")
+    return tuple(value)
 
 
-class _ContainerClass:
-    def __init__(self, name: str):
-        self.name = name
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 with every argument checked (the view must lie inside the storage)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise safe_pickle.UnsafePickleError("tensor storage is not a storage")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride):
+        raise safe_pickle.UnsafePickleError("tensor offset/stride refused")
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    elements = storage._untyped_storage.nbytes() // tensor.element_size()
+    if math.prod(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= elements:
+        raise safe_pickle.UnsafePickleError(f"tensor of size {size} reaches past its storage of {elements} elements")
+    return tensor.set_(storage._untyped_storage, offset, size, stride)
 
 
-class EasyDict(dict):
-    """dnnlib.EasyDict read as a plain dict."""
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise safe_pickle.UnsafePickleError("parameter data is not a tensor")
+    return data
 
 
-def _load_storage(raw: bytes) -> Any:
-    return torch.load(io.BytesIO(raw), weights_only=True)
+def _plain_dict(*args: Any, **kwargs: Any) -> dict:
+    return dict(*args, **kwargs)
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
-    table: dict[tuple[str, str], Any] = dict(safe_pickle.NUMPY_GLOBALS)
+def _handlers() -> safe_pickle.Handlers:
+    table: safe_pickle.Handlers = dict(safe_pickle.NUMPY_HANDLERS)
     table[("torch_utils.persistence", "_reconstruct_persistent_obj")] = PersistentRecord
-    table[("copyreg", "_reconstructor")] = _reconstructor
-    table[("builtins", "object")] = object
-    table[("builtins", "set")] = set
-    table[("collections", "OrderedDict")] = collections.OrderedDict
-    table[("dnnlib.util", "EasyDict")] = EasyDict
+    table[("dnnlib.util", "EasyDict")] = _plain_dict
     table[("torch.storage", "_load_from_bytes")] = _load_storage
-    # torch's own tensor/parameter rebuilders: the ones its weights_only loader also allows.
-    table[("torch._utils", "_rebuild_tensor_v2")] = torch._utils._rebuild_tensor_v2
-    table[("torch._utils", "_rebuild_parameter")] = torch._utils._rebuild_parameter
+    table[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor
+    table[("torch._utils", "_rebuild_parameter")] = _rebuild_parameter
+    table[("torch._utils", "_rebuild_parameter_with_state")] = _rebuild_parameter
     for name in _CONTAINERS:
-        table[("torch.nn.modules.container", name)] = _ContainerClass(name)
+        table[("torch.nn.modules.container", name)] = lambda *args, _name=name: ModuleRecord(_name)
     return table
 
 
-def _collect(node: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """Flatten a record tree into state_dict entries (parameters, persistent buffers)."""
-    state = node.state
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is not None and name not in skip:
+def _collect(root: PersistentRecord, path: Path) -> dict[str, torch.Tensor]:
+    """Flatten a record tree into state_dict entries (parameters, persistent buffers), without
+    recursion; refuses cycles, depth beyond _MAX_DEPTH and anything that is not a record or tensor."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    todo: list[tuple[Any, str, int]] = [(root, "", 0)]
+    while todo:
+        node, prefix, depth = todo.pop()
+        where = prefix.rstrip(".") or "the network"
+        if not isinstance(node, PersistentRecord | ModuleRecord):
+            raise UserError(f"{path}: {where} is a {type(node).__name__}, not a module")
+        if id(node) in seen:
+            raise UserError(f"{path}: {where} appears twice in the module tree (shared or cyclic modules)")
+        if depth > _MAX_DEPTH:
+            raise UserError(f"{path}: module tree deeper than {_MAX_DEPTH} levels")
+        seen.add(id(node))
+        state = node.state
+        if type(state) is not dict:
+            raise UserError(f"{path}: {where} has no module state")
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, set | frozenset):
+            raise UserError(f"{path}: {where}._non_persistent_buffers_set is not a set")
+        for group in ("_parameters", "_buffers"):
+            entries = state.get(group) or {}
+            if type(entries) is not dict:
+                raise UserError(f"{path}: {where}.{group} is not a dict")
+            for name, value in entries.items():
+                if value is None or name in skip:
+                    continue
+                if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                    raise UserError(f"{path}: {where}.{group} holds a {type(value).__name__} under {str(name)[:40]!r}")
                 out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            _collect(child, f"{prefix}{name}.", out)
+        children = state.get("_modules") or {}
+        if type(children) is not dict:
+            raise UserError(f"{path}: {where}._modules is not a dict")
+        for name, child in reversed(list(children.items())):
+            if not isinstance(name, str):
+                raise UserError(f"{path}: {where}._modules has a non-string key")
+            if child is not None:
+                todo.append((child, f"{prefix}{name}.", depth + 1))
+    return out
+
+
+def _plain(value: Any, path: Path, depth: int = 0) -> Any:
+    """Built-in types only (dict subclasses, tuples converted), so the kwargs can be saved in a
+    weights_only checkpoint; depth-bounded, so cyclic or absurdly nested kwargs stop with one line."""
+    if depth > 8:
+        raise UserError(f"{path}: network constructor kwargs nested deeper than 8 levels")
+    if isinstance(value, dict):
+        return {str(k): _plain(v, path, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) > 64:
+            raise UserError(f"{path}: a network constructor kwarg holds a list of {len(value)} items")
+        return [_plain(v, path, depth + 1) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise UserError(f"{path}: network constructor kwargs hold a {type(value).__name__}")
+
+
+def _describe_keys(data: dict) -> str:
+    return ", ".join(repr(k)[:40] for k in list(data)[:8]) + (" ..." if len(data) > 8 else "")
 
 
 def read_edm_pickle(path: str | Path, key: str = "ema") -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -108,44 +181,64 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> tuple[str, dict, dict
         raise UserError(f"teacher.checkpoint: {path} not found")
     try:
         with path.open("rb") as f:
-            data = safe_pickle.load(f, _allowed(), str(path))
+            data = safe_pickle.load(f, _handlers(), str(path))
+    except safe_pickle.MalformedPickleError as err:
+        raise UserError(f"{path}: not a readable EDM pickle ({str(err).removeprefix(f'{path}: ')})") from None
     except safe_pickle.UnsafePickleError as err:
         raise UserError(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - truncated or foreign file
-        raise UserError(f"{path}: not a readable EDM pickle ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get(key), PersistentRecord):
-        raise UserError(f"{path}: no EDM network under {key!r} (keys: {sorted(data) if isinstance(data, dict) else type(data).__name__})")
+    except (OSError, RuntimeError, MemoryError) as err:  # unreadable file, or torch refusing a storage payload
+        raise UserError(f"{path}: not a readable EDM pickle ({type(err).__name__}: {str(err)[:160]})") from None
+    if type(data) is not dict:
+        raise UserError(f"{path}: not an EDM snapshot (a {type(data).__name__}, not a dict)")
+    if not isinstance(data.get(key), PersistentRecord):
+        raise UserError(f"{path}: no EDM network under {key!r} (keys: {_describe_keys(data)})")
     net = data[key]
-    state: dict[str, torch.Tensor] = {}
-    _collect(net, "", state)
-    kwargs = dict(net.state.get("_init_kwargs") or {})
     if net.state.get("_init_args"):
         raise UserError(f"{path}: {net.class_name} was built with positional args; expected EDM's keyword-only construction")
-    return net.class_name, kwargs, state
+    kwargs = net.state.get("_init_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise UserError(f"{path}: {net.class_name}._init_kwargs is not a dict of names")
+    return net.class_name, _plain(kwargs, path), _collect(net, path)
 
 
-def _plain(value: Any) -> Any:
-    """Built-in types only (numpy scalars, tuples, dict subclasses converted), so the kwargs can be
-    saved in a weights_only checkpoint."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
-        return value.item()
-    return value
+# Integer kwargs that size the network, with bounds far above any EDM/ADM configuration: checked
+# before anything is built, so absurd values stop with one line instead of allocating.
+_SIZE_BOUNDS = {
+    "img_resolution": 4096, "img_channels": 64, "label_dim": 100_000, "augment_dim": 64, "model_channels": 4096,
+    "channel_mult_emb": 64, "channel_mult_noise": 64, "num_blocks": 64, "M": 100_000,
+}
 
 
-def load_edm_denoiser(path: str | Path, key: str = "ema") -> EDMPrecond:
-    """An EDMPrecond with every tensor of the pickle's network (strict: a missing or extra one is an error)."""
+def _check_sizes(kwargs: dict, path: Path) -> None:
+    for name, bound in _SIZE_BOUNDS.items():
+        value = kwargs.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value <= bound):
+            raise UserError(f"{path}: network kwarg {name}={str(value)[:40]} outside [0, {bound}]")
+    mult = kwargs.get("channel_mult", [])
+    if not isinstance(mult, list) or len(mult) > 12 or not all(type(m) is int and 0 < m <= 64 for m in mult):
+        raise UserError(f"{path}: network kwarg channel_mult={str(mult)[:60]} is not a short list of small positive ints")
+
+
+def load_edm_denoiser(path: str | Path, key: str = "ema") -> Precond:
+    """The denoiser of an EDM pickle with every tensor loaded (strict), in eval mode and frozen.
+    ``init_kwargs`` holds its constructor kwargs (with ``precond`` for the VP/VE baselines), which
+    fastratio checkpoints store as ``network_kwargs``."""
+    path = Path(path)
     class_name, kwargs, state = read_edm_pickle(path, key)
+    if class_name not in PRECONDS:
+        raise UserError(f"{path}: the network is EDM's {class_name}; supported teachers are {', '.join(PRECONDS)}")
     if class_name != "EDMPrecond":
-        raise UserError(f"{path}: network is {class_name}; only EDMPrecond (EDM's own preconditioning) is supported")
-    kwargs = {str(k): _plain(v) for k, v in kwargs.items()}
+        kwargs["precond"] = class_name
+    _check_sizes(kwargs, path)
+    stored = sum(t.numel() for t in state.values())
     try:
-        net = EDMPrecond(**kwargs)
+        with torch.device("meta"):  # the size the kwargs imply, without allocating it
+            implied = sum(t.numel() for t in build_denoiser(kwargs).state_dict().values())
+        if implied != stored:
+            raise ValueError(f"the kwargs describe {implied:,} weights, the file holds {stored:,}")
+        net = build_denoiser(kwargs)
         net.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: EDM network does not fit fastratio's EDMPrecond ({str(err).splitlines()[0]})") from None
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"{path}: EDM network does not fit fastratio's {class_name} ({str(err).splitlines()[0][:200]})") from None
     net.init_kwargs = kwargs
-    return net
+    return net.eval().requires_grad_(False)

@@ -17,24 +17,28 @@ from . import checkpoint
 from .errors import UserError, run_cli
 from .images import save_grid
 from .networks.image import OneStepGenerator, RatioUNet
-from .networks.unet import EDMPrecond
+from .edm_import import load_edm_denoiser
+from .networks.unet import Precond, build_denoiser
 from .sampler import heun_sample
 from .train import resolve_device
 from .verifier import DEFAULT_SIGMAS, best_of_n, realness
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(EMA model in eval mode, the checkpoint) of an image run's checkpoint."""
+    """(EMA model in eval mode, the checkpoint) of an image run's checkpoint; an EDM pickle (``.pkl``)
+    gives its denoiser (read as data by fastratio.edm_import) and an empty checkpoint."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    if path.suffix == ".pkl":
+        return load_edm_denoiser(path).to(device), {}
     state = checkpoint.load_or_fail(path, "checkpoint")
     if "network_kwargs" not in state:
         raise UserError(f"{path}: not an image-run checkpoint (no network_kwargs)")
-    denoiser = EDMPrecond(**state["network_kwargs"])
-    model = denoiser if "sigma_init" not in state else OneStepGenerator(denoiser, state["sigma_init"])
     try:
+        denoiser = build_denoiser(state["network_kwargs"])
+        model = denoiser if "sigma_init" not in state else OneStepGenerator(denoiser, state["sigma_init"])
         model.load_state_dict(state["ema"])
-    except RuntimeError as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"{path}: EMA weights do not fit network_kwargs ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), state
 
@@ -48,7 +52,7 @@ def load_verifier(state: dict, path: Path, device: torch.device) -> RatioUNet:
     return ratio.to(device).eval()
 
 
-def latent_sampler(denoiser: EDMPrecond, device: torch.device, class_index: int | None):
+def latent_sampler(denoiser: Precond, device: torch.device, class_index: int | None):
     """sample_latent(k, rng) -> (z, one-hot labels or None) for the denoiser's image shape."""
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     k_classes = denoiser.label_dim
@@ -74,7 +78,9 @@ def sample(model, n: int, seed: int, device: torch.device, class_index: int | No
     rng = torch.Generator(device).manual_seed(seed)
     if not isinstance(model, OneStepGenerator):
         z, labels = sample_latent(n, rng)
-        return heun_sample(model, z, labels, steps).clamp(-1, 1)
+        # EDM's generate.py: the schedule stays inside the noise levels the network supports.
+        bounds = {"sigma_min": max(0.002, float(model.sigma_min)), "sigma_max": min(80.0, float(model.sigma_max))}
+        return heun_sample(model, z, labels, steps, **bounds).clamp(-1, 1)
     if best_of == 1:
         z, labels = sample_latent(n, rng)
         return model(z, labels).clamp(-1, 1)
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n <= 0:
         raise UserError(f"--n: must be > 0, got {args.n}")
+    if args.steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {args.steps}")
     if args.best_of < 1:
         raise UserError(f"--best-of: must be >= 1, got {args.best_of}")
     device = resolve_device(args.device)

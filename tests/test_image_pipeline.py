@@ -112,16 +112,20 @@ def test_stage2_from_the_teacher(teacher_run, fashion, tmp_path, method):
             sample_main([newest, "--n", "4", "--best-of", "3", "--out", str(out)])
 
 
-def test_stage2_refuses_mismatched_teacher(teacher_run, fashion, tmp_path):
+def test_stage2_refuses_mismatched_teacher_and_follows_its_architecture(teacher_run, fashion, tmp_path):
     ckpt = checkpoint.list_checkpoints(teacher_run)[-1]
     base = [f"run.out_dir={tmp_path}", f"data.path={fashion}", f"teacher.checkpoint={ckpt}", "run.steps=1",
             "model.augment_dim=9", "augment.p=0.5"]
     cfg = _load("fashion_mnist", *base)  # unconditional data, conditional teacher
     with pytest.raises(UserError, match="teacher.checkpoint: teacher is for 1x28\\^2 images with 3 classes"):
         build_task(cfg, torch.device("cpu")).build_networks()
+    # The ratio net is the teacher's own encoder half, whatever the config's model.* say (16 channels here).
     cfg = _load("fashion_mnist", *base, "data.conditional=true", "model.channels=32")
-    with pytest.raises(UserError, match="model.ratio_from_teacher"):
-        build_task(cfg, torch.device("cpu")).build_networks()
+    nets = build_task(cfg, torch.device("cpu")).build_networks()
+    teacher_enc = nets.generator.denoiser.model.state_dict()
+    ratio_enc = nets.ratio.model.state_dict()
+    assert ratio_enc["enc.28x28_conv.weight"].shape[0] == 16
+    assert all(torch.equal(v, teacher_enc[k]) for k, v in ratio_enc.items())
     cfg = _load("fashion_mnist", *base[:2], "teacher.checkpoint=" + str(tmp_path / "none.pt"))
     with pytest.raises(UserError, match="teacher.checkpoint: .*none.pt not found"):
         build_task(cfg, torch.device("cpu")).build_networks()

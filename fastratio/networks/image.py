@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..noise import noise_coefficients
-from .unet import ARCHITECTURES, EDMPrecond, GroupNorm, Linear
+from .unet import ARCHITECTURES, GroupNorm, Linear, Precond
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ class OneStepGenerator(nn.Module):
     """g(z, c) = D(sigma_init z; sigma_init, c): an EDM denoiser applied once at a fixed noise level,
     initialised from the teacher ("Towards..." Sec. 4: without this init training collapses)."""
 
-    def __init__(self, denoiser: EDMPrecond, sigma_init: float):
+    def __init__(self, denoiser: Precond, sigma_init: float):
         super().__init__()
         self.denoiser, self.sigma_init = denoiser, sigma_init
 
@@ -35,7 +35,7 @@ class DenoiserScore(nn.Module):
     """Score of the noised marginal from a denoiser: with x_t = alpha x0 + std eps (std = alpha sigma),
     grad log p(x_t) = (alpha D(x_t / alpha; sigma) - x_t) / std^2 (Tweedie)."""
 
-    def __init__(self, denoiser: EDMPrecond, schedule: str):
+    def __init__(self, denoiser: Precond, schedule: str):
         super().__init__()
         self.denoiser, self.schedule = denoiser, schedule
 
@@ -76,7 +76,7 @@ class RatioUNet(nn.Module):
         h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
         return self.head(h).squeeze(1).to(torch.float32)
 
-    def load_encoder(self, denoiser: EDMPrecond) -> int:
+    def load_encoder(self, denoiser: Precond) -> int:
         """Copy the teacher's mapping network and encoder (every shared name); returns tensors copied."""
         ours = self.model.state_dict()
         theirs = {k: v for k, v in denoiser.model.state_dict().items() if k in ours}

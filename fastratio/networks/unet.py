@@ -5,8 +5,10 @@ layout of NVlabs/edm ``training/networks.py``: every parameter and buffer has ED
 so an EDM snapshot's tensors load with ``load_state_dict(strict=True)`` (see ``fastratio.edm_import``)
 and the same settings give EDM's parameter counts (tests/test_unet.py). Differences that do not touch
 the weights: attention runs through ``F.scaled_dot_product_attention``; mixed precision comes from the
-caller's bf16 autocast instead of EDM's ``use_fp16`` casts; only DDPM++'s 'standard' encoder/decoder
-and positional or Fourier noise embeddings are built (NCSN++'s 'skip'/'residual' paths are not).
+caller's bf16 autocast instead of EDM's ``use_fp16`` casts. ``SongUNet`` builds every encoder
+('standard' for DDPM++, 'residual' for NCSN++, 'skip') and decoder ('standard', 'skip') EDM has;
+the preconditionings are EDM's own (``EDMPrecond``) and the VP/VE baselines (``VPPrecond``,
+``VEPrecond``), all behind one denoiser interface D(x; sigma, class_labels, augment_labels).
 
 Each UNet can be built ``encoder_only``: the mapping network plus the encoder, the half the ratio
 network (``fastratio.networks.ratio_unet``) reuses with a scalar head.
@@ -51,12 +53,14 @@ class Conv2d(nn.Module):
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False, down: bool = False,
-        resample_filter: tuple[int, ...] = (1, 1), init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0,
+        resample_filter: tuple[int, ...] = (1, 1), fused_resample: bool = False, init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0, init_bias: float = 0.0,
     ):
         if up and down:
             raise ValueError("Conv2d: up and down are exclusive")
         super().__init__()
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
+        self.fused_resample = fused_resample
         fans = {"mode": init_mode, "fan_in": in_channels * kernel * kernel, "fan_out": out_channels * kernel * kernel}
         self.weight = nn.Parameter(_init_weight([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
         self.bias = nn.Parameter(_init_weight([out_channels], **fans) * init_bias) if kernel and bias else None
@@ -65,16 +69,25 @@ class Conv2d(nn.Module):
         self.register_buffer("resample_filter", taps if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        w_pad = 0 if w is None else w.shape[-1] // 2
         if self.up or self.down:
             f = self.resample_filter.to(x.dtype)
-            pad = (f.shape[-1] - 1) // 2
-            channels = x.shape[1]
+            f_pad = (f.shape[-1] - 1) // 2
+        if self.fused_resample and w is not None and self.up:
+            # EDM's fused order (NCSN++'s residual encoder uses the down case): filter and conv share padding.
+            x = F.conv_transpose2d(x, (f * 4).tile(self.in_channels, 1, 1, 1), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and w is not None and self.down:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)
+        else:
             if self.up:
-                x = F.conv_transpose2d(x, (f * 4).tile(channels, 1, 1, 1), groups=channels, stride=2, padding=pad)
-            else:
-                x = F.conv2d(x, f.tile(channels, 1, 1, 1), groups=channels, stride=2, padding=pad)
-        if self.weight is not None:
-            x = F.conv2d(x, self.weight.to(x.dtype), padding=self.weight.shape[-1] // 2)
+                x = F.conv_transpose2d(x, (f * 4).tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=f_pad)
+            if self.down:
+                x = F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
         if self.bias is not None:
             x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
@@ -185,12 +198,16 @@ class _UNetBase(nn.Module):
     def _build_unet(
         self, img_resolution: int, in_channels: int, model_channels: int, channel_mult, num_blocks: int, attn_resolutions,
         block: dict, init: dict, *, scale_first_conv: bool, attend_every_decoder_block: bool, encoder_only: bool,
+        song_aux: dict | None = None,
     ) -> int:
-        """EDM's encoder (``enc``) and decoder (``dec``) layout, shared by DDPM++ and ADM; returns the last
-        width. They differ in the first conv's width (ADM scales it by the first multiplier) and in
-        which decoder blocks attend (ADM: all at an attention resolution; DDPM++: the last of each)."""
+        """EDM's encoder (``enc``) and decoder (``dec``) layout, shared by DDPM++/NCSN++ and ADM; returns the
+        last width. They differ in the first conv's width (ADM scales it by the first multiplier), in
+        which decoder blocks attend (ADM: all at an attention resolution; SongUNet: the last of each),
+        and in SongUNet's auxiliary paths (``song_aux``: encoder_type, decoder_type, resample_filter,
+        out_channels, init_zero), whose layers carry 'aux' in their names as in EDM."""
+        aux = song_aux or {"encoder_type": "standard", "decoder_type": "standard"}
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -198,6 +215,14 @@ class _UNetBase(nn.Module):
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init)
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+                if aux["encoder_type"] == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=aux["resample_filter"])
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
+                if aux["encoder_type"] == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                        caux, cout, 3, down=True, resample_filter=aux["resample_filter"], fused_resample=True, **init
+                    )
+                    caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
@@ -205,7 +230,7 @@ class _UNetBase(nn.Module):
         self.dec = None
         if encoder_only:
             return cout
-        skips = [b.out_channels for b in self.enc.values()]
+        skips = [b.out_channels for name, b in self.enc.items() if "aux" not in name]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -218,24 +243,49 @@ class _UNetBase(nn.Module):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = res in attn_resolutions and (attend_every_decoder_block or idx == num_blocks)
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+            if song_aux is not None and (aux["decoder_type"] == "skip" or level == 0):
+                out = aux["out_channels"]
+                if aux["decoder_type"] == "skip" and level < len(channel_mult) - 1:
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out, out, 0, up=True, resample_filter=aux["resample_filter"])
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out, 3, **aux["init_zero"])
         return cout
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
-        """Every encoder activation, in order (the decoder's skips; the last is the bottleneck input)."""
+        """Every encoder activation, in order (the decoder's skips; the last is the bottleneck input).
+        SongUNet's aux layers feed a second path built from the input image (EDM's forward)."""
         skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
         return skips
 
     def decode(self, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        x = skips[-1]
-        for block in self.dec.values():
-            if isinstance(block, UNetBlock):
+        x, aux, tmp = skips[-1], None, None
+        for name, block in self.dec.items():
+            if "aux_up" in name:
+                aux = block(aux)
+            elif "aux_norm" in name:
+                tmp = block(x)
+            elif "aux_conv" in name:
+                tmp = block(F.silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return self.output(x)
+        return self.output(x, aux)
+
+    def output(self, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         if self.dec is None:
@@ -257,8 +307,8 @@ class SongUNet(_UNetBase):
     ):
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"SongUNet: embedding_type {embedding_type!r} is not positional or fourier")
-        if encoder_type != "standard" or decoder_type != "standard":
-            raise ValueError("SongUNet: only the DDPM++ 'standard' encoder and decoder are implemented")
+        if encoder_type not in ("standard", "skip", "residual") or decoder_type not in ("standard", "skip"):
+            raise ValueError(f"SongUNet: encoder_type {encoder_type!r} / decoder_type {decoder_type!r} unknown to EDM")
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -280,13 +330,10 @@ class SongUNet(_UNetBase):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        cout = self._build_unet(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block, init,
-                                scale_first_conv=False, attend_every_decoder_block=False, encoder_only=encoder_only)
-        if encoder_only:
-            return
-        self._out_prefix = f"{img_resolution}x{img_resolution}_aux"
-        self.dec[f"{self._out_prefix}_norm"] = GroupNorm(cout, eps=1e-6)
-        self.dec[f"{self._out_prefix}_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
+        song_aux = {"encoder_type": encoder_type, "decoder_type": decoder_type, "resample_filter": tuple(resample_filter),
+                    "out_channels": out_channels, "init_zero": init_zero}
+        self._build_unet(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions, block, init,
+                         scale_first_conv=False, attend_every_decoder_block=False, encoder_only=encoder_only, song_aux=song_aux)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
@@ -297,8 +344,8 @@ class SongUNet(_UNetBase):
             emb = emb + self.map_augment(augment_labels)
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dec[f"{self._out_prefix}_conv"](F.silu(self.dec[f"{self._out_prefix}_norm"](x)))
+    def output(self, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        return aux  # the decoder's aux path ends in the image (EDM returns it)
 
 
 class DhariwalUNet(_UNetBase):
@@ -342,28 +389,25 @@ class DhariwalUNet(_UNetBase):
             emb = emb + self.map_label(self._dropped_labels(class_labels))
         return F.silu(emb)
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
+    def output(self, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
 ARCHITECTURES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
-class EDMPrecond(nn.Module):
-    """Denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM Eq. 7, Table 1):
-    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4."""
+class Precond(nn.Module):
+    """A denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) over one of the UNets (EDM Eq. 7).
+    Subclasses give the coefficients; the constructor arguments are EDM's, so an EDM pickle's
+    ``_init_kwargs`` build the same network."""
 
-    def __init__(
-        self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-        sigma_min: float = 0.0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-        model_type: str = "DhariwalUNet", **model_kwargs,
-    ):
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 model_type: str = "DhariwalUNet", **model_kwargs):
         if model_type not in ARCHITECTURES:
-            raise ValueError(f"EDMPrecond: model_type {model_type!r} is not one of {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"{type(self).__name__}: model_type {model_type!r} is not one of {', '.join(ARCHITECTURES)}")
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16  # kept for EDM's kwargs; precision comes from the caller's autocast
-        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.model = ARCHITECTURES[model_type](
             img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs
         )
@@ -376,14 +420,71 @@ class EDMPrecond(nn.Module):
             return torch.zeros(batch, self.label_dim, device=device)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
+    def coefficients(self, sigma: torch.Tensor) -> tuple:
+        """(c_skip, c_out, c_in, c_noise) for sigma [B, 1, 1, 1]."""
+        raise NotImplementedError
+
     def forward(self, x, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = (sigma**2 + sd2).rsqrt()
-        c_noise = sigma.log().flatten() / 4
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         labels = self.class_labels(class_labels, x.shape[0], x.device)
-        f_x = self.model(c_in * x, c_noise.expand(x.shape[0]), labels, augment_labels)
+        f_x = self.model(c_in * x, c_noise.flatten().expand(x.shape[0]), labels, augment_labels)
         return c_skip * x + c_out * f_x.to(torch.float32)
+
+
+class EDMPrecond(Precond):
+    """EDM's preconditioning (Table 1): c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
+    c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0.0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
+                 model_type: str = "DhariwalUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def coefficients(self, sigma):
+        sd2 = self.sigma_data**2
+        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt(), sigma.log() / 4
+
+
+class VPPrecond(Precond):
+    """The VP baseline (Song et al. 2021 as in EDM Table 1): c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1),
+    c_noise = (M-1) t(s) with the VP schedule sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,  # noqa: N803 - EDM's name
+                 model_type: str = "SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.sigma_min = math.sqrt(math.exp(0.5 * beta_d * epsilon_t**2 + beta_min * epsilon_t) - 1)
+        self.sigma_max = math.sqrt(math.exp(0.5 * beta_d + beta_min) - 1)
+
+    def coefficients(self, sigma):
+        t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+        return 1.0, -sigma, (sigma**2 + 1).rsqrt(), (self.M - 1) * t
+
+
+class VEPrecond(Precond):
+    """The VE baseline (EDM Table 1): c_skip = 1, c_out = s, c_in = 1, c_noise = ln(s/2)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 sigma_min: float = 0.02, sigma_max: float = 100.0, model_type: str = "SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def coefficients(self, sigma):
+        return 1.0, sigma, 1.0, (0.5 * sigma).log()
+
+
+PRECONDS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+
+
+def build_denoiser(kwargs: dict) -> Precond:
+    """The denoiser a checkpoint's ``network_kwargs`` describe: EDM's constructor kwargs, plus
+    ``precond`` naming the preconditioning when it is not EDMPrecond (VP/VE baselines)."""
+    kwargs = dict(kwargs)
+    name = kwargs.pop("precond", "EDMPrecond")
+    if name not in PRECONDS:
+        raise ValueError(f"precond {name!r} is not one of {', '.join(PRECONDS)}")
+    return PRECONDS[name](**kwargs)

@@ -22,7 +22,7 @@ from ..edm_import import load_edm_denoiser
 from ..errors import UserError
 from ..images import save_grid, to_uint8
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
-from ..networks.unet import EDMPrecond, UNetBlock
+from ..networks.unet import EDMPrecond, Precond, UNetBlock, build_denoiser
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
@@ -46,7 +46,12 @@ def network_kwargs(cfg: Config, shape: tuple[int, int, int], label_dim: int) -> 
     }
 
 
-def load_teacher(path: str, device: torch.device) -> EDMPrecond:
+# Denoiser kwargs that are not the UNet's: the ratio net takes the teacher's architecture without them.
+_PRECOND_KWARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
+                   "precond", "beta_d", "beta_min", "M", "epsilon_t")
+
+
+def load_teacher(path: str, device: torch.device) -> Precond:
     """The teacher denoiser from a stage-1 checkpoint (EMA weights) or an EDM pickle."""
     file = Path(path)
     if not file.is_file():
@@ -56,10 +61,10 @@ def load_teacher(path: str, device: torch.device) -> EDMPrecond:
     state = checkpoint.load_or_fail(file, "teacher.checkpoint")
     if state.get("config", {}).get("method", {}).get("name") != "teacher" or "network_kwargs" not in state:
         raise UserError(f"teacher.checkpoint: {path} is not from a teacher run (method.name=teacher)")
-    net = EDMPrecond(**state["network_kwargs"])
     try:
+        net = build_denoiser(state["network_kwargs"])
         net.load_state_dict(state["ema"])
-    except RuntimeError as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"teacher.checkpoint: {path} weights do not fit its own network_kwargs ({str(err).splitlines()[0]})") from None
     net.init_kwargs = state["network_kwargs"]
     return net.to(device)
@@ -102,18 +107,17 @@ class ImageTask:
         generator = _without_dropout(copy.deepcopy(teacher)).requires_grad_(True).train()
         nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init))
         if needs_ratio(method):
-            ratio_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("img_resolution", "img_channels", "label_dim", "sigma_data")}
-            # No dropout in the ratio net: the generator update differentiates it and wants no extra noise.
+            # The encoder half of the teacher's own UNet (DDPM++, NCSN++ or ADM, as the teacher was built),
+            # so it can start from the teacher's encoder. No dropout: the generator update differentiates
+            # it and wants no extra noise.
+            ratio_kwargs = {k: v for k, v in t_kwargs.items() if k not in _PRECOND_KWARGS}
             self.ratio_kwargs = dict(
                 img_resolution=self.shape[1], img_channels=self.shape[0], label_dim=self.num_classes,
                 sigma_data=cfg.model.sigma_data, schedule=cfg.noise.schedule, **ratio_kwargs,
             )
             nets.ratio = _without_dropout(RatioUNet(**self.ratio_kwargs)).to(self.device)
             if cfg.model.ratio_from_teacher:
-                try:
-                    nets.ratio.load_encoder(teacher)
-                except (ValueError, RuntimeError) as err:
-                    raise UserError(f"model.ratio_from_teacher: the ratio encoder differs from the teacher's ({str(err).splitlines()[0]})") from None
+                nets.ratio.load_encoder(teacher)
         if needs_scores(method):
             nets.teacher = DenoiserScore(teacher, cfg.noise.schedule)
             nets.fake_score = DenoiserScore(copy.deepcopy(teacher).requires_grad_(True).train(), cfg.noise.schedule)
