@@ -94,6 +94,7 @@ class MethodConfig:
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
     ratio_steps: int = 1  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
+    gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
     teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
 
 
@@ -193,7 +194,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
-    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "step.warmup_steps", "eval.fid_samples",
+    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
 )
 
 
@@ -274,6 +275,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"noise.sigma_min: {cfg.noise.sigma_min} must be below noise.sigma_max {cfg.noise.sigma_max}")
     if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):
         raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
+    if cfg.method.gan_weight > 0 and cfg.method.name not in ("diffratio", "dibregman"):
+        raise ConfigError(f"method.gan_weight: the GAN term uses the ratio network as discriminator; method.name {cfg.method.name!r} has none")
     if cfg.step.mode == "graph" and cfg.step.warmup_steps < 1:
         raise ConfigError("step.warmup_steps: graph mode needs >= 1 compiled step before capture (compilation, lazy allocations)")
     _validate_images(cfg)

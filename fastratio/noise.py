@@ -21,9 +21,11 @@ def sample_sigma(cfg: NoiseConfig, n: int, draws: Draws, device: torch.device) -
     """Draw n noise levels [n] from the configured distribution."""
     if cfg.sigma_dist == "fixed":
         return torch.full((n,), cfg.sigma_fixed, device=device)
-    u = draws.rand((n,), device)
     if cfg.sigma_dist == "lognormal":  # EDM training distribution: ln sigma ~ N(P_mean, P_std^2)
-        return torch.exp(cfg.p_mean + cfg.p_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
+        # A normal draw, as EDM: erfinv(2u - 1) of a uniform is -inf at u = 0, which torch.rand returns
+        # about once in 2^24 draws (sigma = 0, an infinite weight, a NaN loss).
+        return torch.exp(cfg.p_mean + cfg.p_std * draws.randn((n,), device))
+    u = draws.rand((n,), device)  # in [0, 1): every law below stays finite and positive at both ends
     if cfg.sigma_dist == "loguniform":
         lo, hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
         return torch.exp(lo + (hi - lo) * u)
@@ -69,10 +71,10 @@ def teacher_sigma(loss: str, n: int, draws: Draws, device: torch.device, sigma_d
     """(sigma [n], lambda(sigma) [n]) of EDM's training losses (Table 1): edm (ln sigma ~ N(-1.2, 1.2^2),
     lambda = (sigma^2 + sd^2)/(sigma sd)^2), vp (sigma(t), t ~ U(eps_t, 1), lambda = 1/sigma^2),
     ve (sigma log-uniform on [0.02, 100], lambda = 1/sigma^2)."""
-    u = draws.rand((n,), device)
-    if loss == "edm":
-        sigma = torch.exp(-1.2 + 1.2 * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
+    if loss == "edm":  # a normal draw, as EDM's loss.py (see sample_sigma)
+        sigma = torch.exp(-1.2 + 1.2 * draws.randn((n,), device))
         return sigma, loss_weight(sigma, "edm", sigma_data)
+    u = draws.rand((n,), device)
     if loss == "vp":
         t = 1 + u * (_VP_EPS_T - 1)
         sigma = torch.sqrt(torch.exp(0.5 * _VP_BETA_D * t**2 + _VP_BETA_MIN * t) - 1)

@@ -122,6 +122,15 @@ def score_difference_direction(
     return _expand(scale, score_fake) * (score_fake - score_teacher)
 
 
+def gan_direction(logit: torch.Tensor, grad_logit: torch.Tensor) -> torch.Tensor:
+    """x-space gradient of the optional GAN term L_GAN = -log D(x_t) with D = sigmoid(l) (Di-Bregman
+    Algorithm 1, "calculate GAN loss"; D is the ratio network, trained by Eq. 5):
+    d/dx_t [-log sigmoid(l)] = -sigmoid(-l) grad_x l. Its potential is softplus(-l).
+
+    logit: [B]; grad_logit: [B, ...]. Returns [B, ...]; the caller scales it by w_GAN (no w(sigma))."""
+    return _expand(-torch.sigmoid(-logit), grad_logit) * grad_logit
+
+
 def surrogate_loss(direction: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """Per-sample surrogate <sg(g), x_t>: its gradient w.r.t. the generator is g * dx_t/dtheta (Eq. 2)."""
     return _per_sample_sum(direction.detach() * x_t)

@@ -18,6 +18,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import objectives, ops
@@ -219,6 +220,9 @@ class TrainStep:
                 s_teacher = self.nets.teacher(x_t, sigma, labels).float()
             ratio_w = None if logit is None else objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
             direction = objectives.score_difference_direction(s_fake, s_teacher, w, ratio_w)
+        if cfg.gan_weight > 0:  # Di-Bregman Alg. 1: L_gen = L_Di-Bregman + w_GAN L_GAN, at the same x_t
+            direction = direction + cfg.gan_weight * objectives.gan_direction(logit, grad_logit)
+            metrics["gen_gan_loss"] = F.softplus(-logit).mean()
         metrics["gen_direction_norm"] = direction.reshape(direction.shape[0], -1).norm(dim=1).mean()
         return direction, metrics
 
@@ -238,7 +242,8 @@ class TrainStep:
         with self._autocast():
             x0 = self.wrapped["generator"](z, labels).float()
         x_t, sigma = self._noised(x0)
-        if self.triton and self.method == "diffratio":
+        # The fused surrogate kernel knows one weight per objective; the GAN term takes the unfused path.
+        if self.triton and self.method == "diffratio" and self.cfg.method.gan_weight == 0:
             per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma, labels)
         else:
             direction, metrics = self.generator_direction(x_t.detach(), sigma, labels)

@@ -59,3 +59,27 @@ def test_teacher_sigma_laws_are_edms_table_1():
     t = torch.sqrt(0.1**2 + 2 * 19.9 * torch.log1p(sigma.double() ** 2)) / 19.9 - 0.1 / 19.9  # sigma^-1(sigma)
     assert abs(float(t.mean()) - 0.5 * (t_max + t_min)) < 0.01  # t is uniform
     torch.testing.assert_close(weight, sigma**-2)
+
+
+class _ExtremeDraws:
+    """Uniforms at exactly 0 and just below 1 (torch.rand's range is [0, 1)) and normals at +-8 std."""
+
+    def rand(self, shape, device, dtype=torch.float32):
+        return torch.tensor([0.0, 1.0 - 2**-24, 0.5], dtype=dtype).expand(shape[0] // 3, 3).reshape(shape)
+
+    def randn(self, shape, device, dtype=torch.float32):
+        return torch.tensor([-8.0, 8.0, 0.0], dtype=dtype).expand(shape[0] // 3, 3).reshape(shape)
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "loguniform", "uniform"])
+def test_sample_sigma_is_finite_and_positive_at_the_ends_of_the_draws(dist):
+    sigma = sample_sigma(NoiseConfig(sigma_dist=dist, sigma_min=0.002, sigma_max=80.0), 6, _ExtremeDraws(), torch.device("cpu"))
+    assert torch.isfinite(sigma).all() and (sigma > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["edm", "vp", "ve"])
+def test_teacher_sigma_and_weight_are_finite_at_the_ends_of_the_draws(loss):
+    from fastratio.noise import teacher_sigma
+
+    sigma, weight = teacher_sigma(loss, 6, _ExtremeDraws(), torch.device("cpu"), sigma_data=0.5)
+    assert torch.isfinite(sigma).all() and (sigma > 0).all() and torch.isfinite(weight).all()

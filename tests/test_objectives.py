@@ -152,3 +152,16 @@ def test_denoiser_loss_is_weighted_squared_error_per_sample():
     w = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
     want = torch.stack([w[i] * ((d[i] - x[i]) ** 2).sum() for i in range(3)])
     torch.testing.assert_close(objectives.denoiser_loss(d, x, w), want)
+
+
+def test_gan_term_direction_is_grad_of_minus_log_d():
+    """Di-Bregman Algorithm 1's optional GAN term: d/dx [-log sigmoid(l(x))], no w(sigma)."""
+    x, _ = _inputs()
+    xx = x.clone().requires_grad_(True)
+    logit = _logit_fn(xx)
+    (grad_logit,) = torch.autograd.grad(logit.sum(), xx)
+    got = objectives.gan_direction(logit.detach(), grad_logit)
+    want = _autograd_direction(lambda l: -torch.nn.functional.logsigmoid(l), x, torch.ones(B, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # It is DiRM's direction at w(sigma) = 1: -log c.
+    torch.testing.assert_close(got, objectives.ratio_direction(logit.detach(), grad_logit, torch.ones(B, dtype=torch.float64), "dirm"))

@@ -115,3 +115,32 @@ def test_kernels_on_and_off_give_the_same_run(tmp_path, objective, monkeypatch):
     wa, wb = (checkpoint.load(checkpoint.list_checkpoints(runs[k])[-1])["nets"]["generator"] for k in ("triton", "torch"))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["diffratio", "dibregman"])
+def test_gan_term_adds_w_gan_times_minus_log_d_gradient(tmp_path, method):
+    """method.gan_weight (Di-Bregman Alg. 1): the generator direction is the method's own plus
+    w_GAN * d/dx_t[-log sigmoid(l)], at the same x_t; the run trains and logs the GAN loss."""
+    from fastratio import objectives
+    from fastratio.draws import Draws
+    from fastratio.step import TrainStep
+
+    base, gan = (_cfg(tmp_path, f"method.name={method}", f"method.gan_weight={w}") for w in (0.0, 0.7))
+    torch.manual_seed(0)
+    nets = build_task(base, torch.device("cpu")).build_networks()
+    x_t, sigma = torch.randn(16, 2), torch.rand(16) + 0.1
+    d_base, _ = TrainStep(base, nets, {}, Draws(torch.Generator())).generator_direction(x_t, sigma)
+    d_gan, metrics = TrainStep(gan, nets, {}, Draws(torch.Generator())).generator_direction(x_t, sigma)
+    x_in = x_t.clone().requires_grad_(True)
+    logit = nets.ratio(x_in, sigma)
+    (grad,) = torch.autograd.grad(logit.sum(), x_in)
+    torch.testing.assert_close(d_gan, d_base + 0.7 * objectives.gan_direction(logit.detach(), grad))
+    assert metrics["gen_gan_loss"] == pytest.approx(float(torch.nn.functional.softplus(-logit.detach()).mean()), rel=1e-5)
+    run = train(_cfg(tmp_path, f"method.name={method}", "method.gan_weight=0.7", "run.plot_every=0", steps=3))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert all(math.isfinite(r["gen_gan_loss"]) for r in rows)
+
+
+def test_gan_term_needs_a_ratio_network(tmp_path):
+    with pytest.raises(config.ConfigError, match="method.gan_weight: the GAN term uses the ratio network"):
+        _cfg(tmp_path, "method.name=vsd", "method.gan_weight=0.5")
