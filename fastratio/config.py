@@ -34,7 +34,7 @@ ARCHS = ("mlp", "ddpmpp", "adm")
 TEACHER_LOSSES = ("edm", "vp", "ve")
 PRECISIONS = ("fp32", "bf16")
 STEP_MODES = ("eager", "compile", "graph")
-AUGMENT_DIM = 9  # EDM's augmentation-label width (its CIFAR-10 pipeline); fastratio fills xflip and translation
+AUGMENT_DIM = 9  # EDM's augmentation-label width (its CIFAR-10 AugmentPipe: flips, scale, rotation, anisotropy, translation)
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -107,9 +107,19 @@ class TeacherConfig:
 
 @dataclass
 class AugmentConfig:
-    p: float = 0.0  # probability of each augmentation (0: off); labels are passed as conditioning (non-leaky)
-    xflip: bool = True  # horizontal flips
-    translate: float = 0.125  # integer translations up to this fraction of the size, mirrored at the border
+    # EDM's geometric AugmentPipe (fastratio/augment.py); defaults are EDM train.py's CIFAR-10 settings.
+    p: float = 0.0  # overall augmentation probability (0: off; EDM CIFAR-10: 0.12); labels are conditioning (non-leaky)
+    xflip: float = 1e8  # probability multipliers of each transform (0: off, its label slot stays 0); 1e8 = fair coin
+    yflip: float = 1.0
+    scale: float = 1.0  # isotropic scaling, log2 factor ~ N(0, scale_std^2)
+    rotate_frac: float = 1.0  # rotation, angle ~ U(-pi, pi) * rotate_frac_max
+    aniso: float = 1.0  # anisotropic scaling, log2 factor ~ N(0, aniso_std^2), in a frame rotated with aniso_rotate_prob
+    translate_frac: float = 1.0  # fractional translation ~ N(0, translate_frac_std^2), fraction of the image size
+    scale_std: float = 0.2
+    rotate_frac_max: float = 1.0
+    aniso_std: float = 0.2
+    aniso_rotate_prob: float = 0.5
+    translate_frac_std: float = 0.125
 
 
 @dataclass
@@ -194,7 +204,8 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
-    "data.max_images", "model.dropout", "augment.p", "augment.translate", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
+    "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
+    "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
 )
 
 
@@ -291,8 +302,9 @@ def _validate_images(cfg: Config) -> None:
         raise ConfigError("method.name: 'teacher' runs are for images; the toy teacher is fitted by method.teacher_steps")
     if not cfg.model.channel_mult or any(m <= 0 for m in cfg.model.channel_mult):
         raise ConfigError(f"model.channel_mult: expected positive multipliers, got {cfg.model.channel_mult}")
-    if cfg.augment.p > 1:
-        raise ConfigError(f"augment.p: a probability, got {cfg.augment.p}")
+    for key in ("augment.p", "augment.aniso_rotate_prob"):
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}: a probability, got {_get(cfg, key)}")
     if cfg.augment.p > 0 and cfg.model.augment_dim != AUGMENT_DIM:
         raise ConfigError(f"model.augment_dim: augment.p > 0 passes augmentation labels, set it to {AUGMENT_DIM}")
     if not toy and cfg.method.name != "teacher" and not cfg.teacher.checkpoint:
