@@ -31,7 +31,6 @@ from .ema import EMA, ema_beta
 from .errors import UserError
 from .shard import Shard
 
-
 # A compiler crash (say, inductor's CPU code generation on some bf16 graphs in torch 2.14) is a
 # toolchain failure, not something per-network compilation would avoid: it stops the run with one line.
 _COMPILER_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, getattr(torch._inductor.exc, "InductorError", torch._dynamo.exc.BackendCompilerFailed))

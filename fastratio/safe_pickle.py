@@ -256,9 +256,9 @@ class _Machine:
     def run(self, stream: BinaryIO) -> Any:
         for op, arg, _ in pickletools.genops(stream):
             name = op.name
-            if name in ("PROTO",):
+            if name == "PROTO":
                 self.proto = arg
-            elif name in ("FRAME",):
+            elif name == "FRAME":
                 pass
             elif name == "STOP":
                 if len(self.stack) != 1 or self.marks:
@@ -267,13 +267,12 @@ class _Machine:
             elif name == "MARK":
                 self.marks.append(self.stack)
                 self.stack = []
-            elif name in ("NONE",):
+            elif name == "NONE":
                 self.stack.append(None)
             elif name in ("NEWTRUE", "NEWFALSE"):
                 self.stack.append(name == "NEWTRUE")
-            elif name in ("INT",):  # protocol 0 writes True/False as INT 01/00
-                self.stack.append(arg)
-            elif name in ("BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+            # Values genops already decoded (protocol 0 writes True/False as INT 01/00, decoded to bools).
+            elif name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
                           "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
                 self.stack.append(arg)
             elif name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .edm_import import load_edm_denoiser
 from .errors import UserError, run_cli
 from .images import save_grid
 from .networks.image import OneStepGenerator, RatioUNet
-from .edm_import import load_edm_denoiser
 from .networks.unet import Precond, build_denoiser
 from .sampler import heun_sample
 from .train import resolve_device

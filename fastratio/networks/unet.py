@@ -453,7 +453,7 @@ class VPPrecond(Precond):
     c_noise = (M-1) t(s) with the VP schedule sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,  # noqa: N803 - EDM's name
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,  # M: EDM's name
                  model_type: str = "SongUNet", **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
