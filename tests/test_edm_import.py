@@ -253,3 +253,16 @@ def test_stage2_cpu_run_from_an_edm_written_pickle(tmp_path, fixture, method):
     loss = "ratio_loss" if method == "diffratio" else "fake_dsm_loss"
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r[loss]) for r in rows)
     assert (run / "ckpt-000000003.pt").is_file()
+
+
+def test_sample_cli_draws_a_heun_grid_from_an_edm_pickle(tmp_path, capsys):
+    from PIL import Image
+
+    from fastratio.errors import run_cli
+    from fastratio.sample import main as sample_main
+
+    out = tmp_path / "grid.png"
+    assert run_cli(sample_main, [str(FIXTURES / "edm-cifar10-cond-ve.pkl"), "--n", "4", "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 8 * 2 * 2  # 4 images of 8x8, enlarged
+    assert run_cli(sample_main, [str(FIXTURES / "baseline-iddpm-refused.pkl"), "--n", "4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
