@@ -20,8 +20,6 @@ variance, discrete noise levels) is refused by name.
 
 from __future__ import annotations
 
-import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -59,53 +57,14 @@ class ModuleRecord(safe_pickle.Record):
         return self
 
 
-def _load_storage(raw: Any) -> Any:
-    if not isinstance(raw, bytes):
-        raise safe_pickle.UnsafePickleError("storage payload is not bytes")
-    storage = torch.load(io.BytesIO(raw), weights_only=True)
-    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
-        raise safe_pickle.UnsafePickleError(f"storage payload holds a {type(storage).__name__}")
-    return storage
-
-
-def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or len(value) > 16 or not all(type(v) is int and 0 <= v < 2**40 for v in value):
-        raise safe_pickle.UnsafePickleError(f"tensor {what} must be a short tuple of non-negative ints")
-    return tuple(value)
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2 with every argument checked (the view must lie inside the storage)."""
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise safe_pickle.UnsafePickleError("tensor storage is not a storage")
-    size, stride = _ints(size, "size"), _ints(stride, "stride")
-    if type(offset) is not int or offset < 0 or len(size) != len(stride):
-        raise safe_pickle.UnsafePickleError("tensor offset/stride refused")
-    tensor = torch.empty((0,), dtype=storage.dtype)
-    elements = storage._untyped_storage.nbytes() // tensor.element_size()
-    if math.prod(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= elements:
-        raise safe_pickle.UnsafePickleError(f"tensor of size {size} reaches past its storage of {elements} elements")
-    return tensor.set_(storage._untyped_storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> torch.Tensor:
-    if not isinstance(data, torch.Tensor):
-        raise safe_pickle.UnsafePickleError("parameter data is not a tensor")
-    return data
-
-
 def _plain_dict(*args: Any, **kwargs: Any) -> dict:
     return dict(*args, **kwargs)
 
 
 def _handlers() -> safe_pickle.Handlers:
-    table: safe_pickle.Handlers = dict(safe_pickle.NUMPY_HANDLERS)
+    table: safe_pickle.Handlers = {**safe_pickle.NUMPY_HANDLERS, **safe_pickle.TORCH_HANDLERS}
     table[("torch_utils.persistence", "_reconstruct_persistent_obj")] = PersistentRecord
     table[("dnnlib.util", "EasyDict")] = _plain_dict
-    table[("torch.storage", "_load_from_bytes")] = _load_storage
-    table[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor
-    table[("torch._utils", "_rebuild_parameter")] = _rebuild_parameter
-    table[("torch._utils", "_rebuild_parameter_with_state")] = _rebuild_parameter
     for name in _CONTAINERS:
         table[("torch.nn.modules.container", name)] = lambda *args, _name=name: ModuleRecord(_name)
     return table

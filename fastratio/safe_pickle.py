@@ -13,7 +13,8 @@ machine over ``pickletools.genops``:
 - ``BUILD`` only reaches ``Record`` objects this load created (``Record.build``); ``SETITEM`` only
   dicts, ``APPEND`` only lists, ``ADDITEMS`` only sets, all made by this load. Nothing live in the
   process is ever handed to the file, so loading changes nothing outside its own result.
-- Persistent ids, extension codes and out-of-band buffers are refused.
+- Persistent ids go to the caller's ``persistent`` (refused without one); extension codes and
+  out-of-band buffers are refused.
 
 The machine is iterative (no recursion), so deep nesting cannot overflow the interpreter stack;
 consumers that walk the result recursively must bound their own depth.
@@ -24,11 +25,13 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import io
+import math
 import pickletools
 from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+import torch
 
 
 class UnsafePickleError(ValueError):
@@ -136,6 +139,59 @@ for _core in ("numpy.core.multiarray", "numpy._core.multiarray"):
     NUMPY_HANDLERS[(_core, "scalar")] = _numpy_scalar
 
 
+# -- torch tensors ------------------------------------------------------------------------------
+def _load_storage(raw: Any) -> Any:
+    """torch.storage._load_from_bytes: a storage pickled by plain pickle is a small torch.save archive."""
+    if not isinstance(raw, bytes):
+        raise UnsafePickleError("storage payload is not bytes")
+    storage = torch.load(io.BytesIO(raw), weights_only=True)
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise UnsafePickleError(f"storage payload holds a {type(storage).__name__}")
+    return storage
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or len(value) > 16 or not all(type(v) is int and 0 <= v < 2**40 for v in value):
+        raise UnsafePickleError(f"tensor {what} must be a short tuple of non-negative ints")
+    return tuple(value)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2 with every argument checked (the view must lie inside the storage)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise UnsafePickleError("tensor storage is not a storage")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0 or len(size) != len(stride):
+        raise UnsafePickleError("tensor offset/stride refused")
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    elements = storage._untyped_storage.nbytes() // tensor.element_size()
+    if math.prod(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= elements:
+        raise UnsafePickleError(f"tensor of size {size} reaches past its storage of {elements} elements")
+    return tensor.set_(storage._untyped_storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise UnsafePickleError("parameter data is not a tensor")
+    return data  # the values only: a reader decides what becomes a parameter
+
+
+TORCH_HANDLERS: Handlers = {
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+# Storage classes named by torch.save's persistent ids (zip archives, TorchScript): tokens only.
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16, "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+for _name in STORAGE_DTYPES:
+    TORCH_HANDLERS[("torch", _name)] = None
+
+
 def _ordered_dict(items: Any = ()) -> dict:
     return dict(items)
 
@@ -156,13 +212,15 @@ BUILTIN_HANDLERS: Handlers = {
 
 # -- the machine ----------------------------------------------------------------------------------
 _MARK = object()
-_REFUSED_OPS = {"PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
+_REFUSED_OPS = {"EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
 _RECONSTRUCTORS = {Global("copyreg", "_reconstructor"), Global("copyreg", "__newobj__"), Global("copyreg", "__newobj_ex__")}
 
 
 class _Machine:
-    def __init__(self, handlers: Handlers, source: str, encoding: str):
+    def __init__(self, handlers: Handlers, source: str, encoding: str, persistent: Callable[[Any], Any] | None,
+                 fallback: Callable[[str, str], Callable[..., Any] | None] | None):
         self.handlers, self.source, self.encoding = handlers, source, encoding
+        self.persistent, self.fallback = persistent, fallback
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -203,7 +261,10 @@ class _Machine:
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         ref = Global(module, name)
         if (module, name) not in self.handlers and ref not in _RECONSTRUCTORS:
-            raise self.fail(f"refusing to load global {module}.{name} (not plain data)")
+            handler = self.fallback(module, name) if self.fallback is not None else None
+            if handler is None:
+                raise self.fail(f"refusing to load global {module}.{name} (not plain data)")
+            self.handlers[(module, name)] = handler
         return ref
 
     def call(self, func: Any, args: Any, kwargs: dict | None = None) -> Any:
@@ -370,6 +431,14 @@ class _Machine:
             elif name == "BUILD":
                 state = self.pop()
                 self.build(state)
+            elif name in ("PERSID", "BINPERSID"):
+                pid = arg if name == "PERSID" else self.pop()
+                if self.persistent is None:
+                    raise self.fail("refusing pickle opcode PERSID (external references)")
+                try:
+                    self.stack.append(self.persistent(pid))
+                except UnsafePickleError as err:
+                    raise self.fail(f"persistent id: {err}") from None
             elif name in _REFUSED_OPS:
                 raise self.fail(f"refusing pickle opcode {name} (external references)")
             else:
@@ -404,12 +473,15 @@ class _Machine:
         return target
 
 
-def load(data: bytes | BinaryIO, handlers: Handlers, source: str, encoding: str = "ASCII") -> Any:
+def load(data: bytes | BinaryIO, handlers: Handlers, source: str, encoding: str = "ASCII",
+         persistent: Callable[[Any], Any] | None = None, fallback: Callable[[str, str], Callable[..., Any] | None] | None = None) -> Any:
     """The pickle's object graph, built only from plain values and what ``handlers`` return; ``source``
     names the file in errors. ``encoding`` decodes Python 2 strings (``"bytes"`` keeps them bytes).
-    Raises ``UnsafePickleError`` for anything refused or malformed."""
+    ``persistent(pid)`` answers persistent ids (refused without it) with the id as plain data;
+    ``fallback(module, name)`` may supply a handler for a name outside the table (e.g. a family of
+    generated class names). Raises ``UnsafePickleError`` for anything refused or malformed."""
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-    machine = _Machine({**BUILTIN_HANDLERS, **handlers}, source, encoding)
+    machine = _Machine({**BUILTIN_HANDLERS, **handlers}, source, encoding, persistent, fallback)
     try:
         return machine.run(stream)
     except UnsafePickleError:

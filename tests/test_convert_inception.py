@@ -1,12 +1,15 @@
 """Inception converter: TorchScript (weight, beta, mean, var) per conv -> torch-fidelity's network.
 
-CI has no Inception file, so a tiny TorchScript model with the same per-layer layout and the same
-arithmetic (conv without bias, batch norm without scale, ReLU) checks the mapping end to end; with
+CI has no Inception file, so a tiny TorchScript model (saved by TorchScript itself) with the same
+per-layer layout and the same arithmetic (conv without bias, batch norm without scale, ReLU) checks
+the mapping end to end, read as data: torch.jit.load is never called; with
 FASTRATIO_INCEPTION_TS pointing at the real default_1.pt the full network is compared as well."""
 
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
 from fastratio.errors import UserError
-from fastratio.tools.convert_inception import basic_convs, convert_state, inception_skeleton
+from fastratio.tools.convert_inception import basic_convs, convert_state, inception_skeleton, read_torchscript_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,13 +58,50 @@ class TinyTarget(nn.Module):
         return self.c(self.b(self.a(x))).mean(dim=(2, 3))
 
 
-def test_tiny_torchscript_converts_to_identical_features():
+def _saved_source(tmp_path) -> tuple[torch.jit.ScriptModule, Path]:
     torch.manual_seed(0)
     source = torch.jit.script(TinySource().eval())
+    path = tmp_path / "tiny.pt"
+    source.save(str(path))  # written by TorchScript itself
+    return source, path
+
+
+def test_tiny_torchscript_is_read_as_data_and_converts_to_identical_features(tmp_path, monkeypatch):
+    source, path = _saved_source(tmp_path)
+
+    def no_jit_load(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit_load)
+    tensors = read_torchscript_tensors(path)
+    want = source.state_dict()
+    assert list(tensors) == list(want) and all(torch.equal(tensors[k], want[k]) for k in want)
     target = TinyTarget().eval()
-    target.load_state_dict(convert_state(source.state_dict(), target))
+    target.load_state_dict(convert_state(tensors, target))
     x = torch.randn(4, 3, 11, 11)
     torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
+
+
+def _with_data_pkl(path: Path, out: Path, payload: bytes) -> Path:
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, payload if item.filename.endswith("/data.pkl") else src.read(item))
+    return out
+
+
+def test_hostile_torchscript_archives_are_refused_in_one_line(tmp_path, monkeypatch):
+    _, path = _saved_source(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    evil = _with_data_pkl(path, tmp_path / "evil.pt", b"\x80\x02cos\nsystem\n(X\x0c\x00\x00\x00touch MARKERtR.")
+    with pytest.raises(UserError, match=r"refusing to load global os\.system"):
+        read_torchscript_tensors(evil)
+    assert not (tmp_path / "MARKER").exists()
+    foreign = _with_data_pkl(path, tmp_path / "foreign.pt", pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(UserError, match="module tree malformed"):
+        read_torchscript_tensors(foreign)
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable TorchScript archive"):
+        read_torchscript_tensors(tmp_path / "junk.pt")
 
 
 def test_mismatches_are_named():
