@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from . import datasets
 from .errors import UserError, run_cli
 from .images import to_uint8
+from .inception import INCEPTION, checked_weights, private_cache_dir
 from .runinfo import environment
 from .sample import load_model, load_verifier, sample
 from .train import resolve_device
@@ -48,7 +48,9 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
                      weights: str | None = None, batch: int = 200, device: torch.device | None = None,
                      prc: bool = False, cache_dir: str | None = None, real_name: str | None = None) -> dict[str, float]:
     """FID, KID (and precision/recall) of uint8 [N, C, H, W] images through torch-fidelity.
-    ``real_name`` caches the real set's statistics under ``cache_dir`` for repeated calls."""
+    ``real_name`` caches the real set's features under ``cache_dir`` for repeated calls: a folder only
+    this process writes (fastratio.inception.private_cache_dir), since torch-fidelity reads its cache
+    back as a pickle. ``weights`` is checked as data and copied before torch-fidelity sees it."""
     import torch_fidelity
 
     n = min(fake.shape[0], real.shape[0])
@@ -58,9 +60,9 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
         "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True,
     }
     if weights:
-        if not Path(weights).is_file():
-            raise UserError(f"--inception: {weights} not found (make one with python -m fastratio.tools.convert_inception)")
-        kwargs["feature_extractor_weights_path"] = str(weights)
+        if feature_extractor != INCEPTION:
+            raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
+        kwargs["feature_extractor_weights_path"] = checked_weights(weights)
     if real_name and cache_dir:
         kwargs.update(cache=True, cache_root=cache_dir, input2_cache_name=real_name)
     else:
@@ -127,27 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model, state = load_model(args.checkpoint, device)
     verifier = load_verifier(state, args.checkpoint, device) if max(args.best_of) > 1 else None
-    data_cfg = state["config"]["data"]
-    kind, path = args.data_kind or data_cfg["kind"], args.data_path or data_cfg["path"]
+    data_cfg = state.get("config", {}).get("data", {})  # an EDM pickle carries no config
+    kind, path = args.data_kind or data_cfg.get("kind"), args.data_path or data_cfg.get("path")
+    if not kind or not path:
+        raise UserError(f"{args.checkpoint}: no run config to take the real images from; give --data-kind and --data-path")
     real = datasets.load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
     out = args.out or args.checkpoint.with_name("metrics-eval.jsonl")
     env = environment(device)
     rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        for best_of in args.best_of:
-            for seed in range(args.seeds):
-                fake = _generate(model, args.n, args.batch, seed, device, verifier, best_of, args.steps, not args.no_progress)
-                metrics = fidelity_metrics(fake, real, feature_extractor=args.feature_extractor, weights=args.inception,
-                                           batch=args.batch, device=device, prc=args.prc, cache_dir=cache, real_name="real")
-                row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": seed,
-                       "best_of": best_of, "real": f"{kind}:{path}", "real_images": int(real.shape[0]),
-                       "feature_extractor": args.feature_extractor, **metrics}
-                rows.append(row)
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}, KID {metrics['kid']:.5f}")
-            fids = [r["fid"] for r in rows if r["best_of"] == best_of]
-            print(f"N={best_of}: FID min {min(fids):.3f}, mean {statistics.mean(fids):.3f} over {len(fids)} seed(s)")
+    cache = private_cache_dir()
+    for best_of in args.best_of:
+        for seed in range(args.seeds):
+            fake = _generate(model, args.n, args.batch, seed, device, verifier, best_of, args.steps, not args.no_progress)
+            metrics = fidelity_metrics(fake, real, feature_extractor=args.feature_extractor, weights=args.inception,
+                                       batch=args.batch, device=device, prc=args.prc, cache_dir=cache, real_name="real")
+            row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": seed,
+                   "best_of": best_of, "real": f"{kind}:{path}", "real_images": int(real.shape[0]),
+                   "feature_extractor": args.feature_extractor, **metrics}
+            rows.append(row)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}, KID {metrics['kid']:.5f}")
+        fids = [r["fid"] for r in rows if r["best_of"] == best_of]
+        print(f"N={best_of}: FID min {min(fids):.3f}, mean {statistics.mean(fids):.3f} over {len(fids)} seed(s)")
     if len(args.best_of) > 1:
         report = args.report or out.with_suffix(".png")
         report_png(rows, report)

@@ -14,6 +14,7 @@ from testkit import idx_bytes
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from fastratio import checkpoint
+from fastratio.datasets import load_dataset
 from fastratio.evaluate import fidelity_metrics
 from fastratio.evaluate import main as evaluate_main
 from fastratio.train import main as train_main
@@ -105,9 +106,26 @@ def test_evaluate_cli_rows_per_seed_and_n_and_report(stage2, tmp_path):
                           "--out", str(tmp_path / "t.jsonl"), "--no-progress", "--device", "cpu"]) == 0
 
 
+class _Marker:
+    """A pickle that creates a file when unpickled: proof that a loader ran it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def test_in_loop_fid_is_logged_and_the_best_snapshot_kept(stage2, tmp_path):
     _ckpt, teacher = stage2
     data = checkpoint.load(teacher)["config"]["data"]["path"]
+    # A feature cache planted in the run folder under the names torch-fidelity would look up there.
+    n_real = load_dataset("idx", data).images.shape[0]
+    planted = tmp_path / "fid-cache"
+    planted.mkdir()
+    prefix = f"real-{TINY_NAME}-{n_real}-{TINY_NAME}"
+    for name in (f"{prefix}-features-feat.pt", f"{prefix}-stat-fid-feat.pt"):
+        torch.save(_Marker(tmp_path / "MARKER"), planted / name)
     sets = ["run.progress=false", "run.steps=4", "run.plot_every=0", "run.eval_every=2", "run.log_every=2", "data.eval_samples=4",
             "optim.batch_size=4", "model.channels=8", "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[]",
             f"data.path={data}", f"teacher.checkpoint={teacher}", f"run.out_dir={tmp_path}", "eval.fid_samples=16",
@@ -119,4 +137,27 @@ def test_in_loop_fid_is_logged_and_the_best_snapshot_kept(stage2, tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and all(r["eval_fid"] >= 0 and "eval_kid" in r for r in rows)
     best = min(rows, key=lambda r: r["eval_fid"])
     assert checkpoint.load(tmp_path / "best.pt")["step"] == best["step"]
-    assert (tmp_path / "fid-cache").is_dir()
+    assert not (tmp_path / "MARKER").exists()  # the run never read a cache from its folder
+
+
+def test_inception_weights_are_checked_as_data_before_torch_fidelity(tmp_path):
+    from fastratio.errors import UserError
+    from fastratio.inception import checked_weights, inception_skeleton
+
+    evil = tmp_path / "evil.pth"
+    torch.save(_Marker(tmp_path / "MARKER"), evil)
+    with pytest.raises(UserError, match="evil.pth is not a weights file readable as data"):
+        checked_weights(str(evil))
+    assert not (tmp_path / "MARKER").exists()
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(UserError, match="is not torch-fidelity's Inception"):
+        checked_weights(str(wrong))
+    good = tmp_path / "good.pth"
+    want = {k: v.half() if v.is_floating_point() else v for k, v in inception_skeleton().state_dict().items()}
+    torch.save(want, good)
+    copy = checked_weights(str(good))
+    assert copy != str(good) and Path(copy).parent.stat().st_mode & 0o077 == 0  # a private folder of this process
+    got = torch.load(copy, weights_only=True)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+    assert all(v.dtype != torch.float16 for v in got.values())

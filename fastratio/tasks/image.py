@@ -88,6 +88,7 @@ class ImageTask:
         self.num_classes = data.num_classes if cfg.data.conditional else 0
         self.shape = data.shape
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
+        self._fid_cache: str | None = None
 
     # -- networks --------------------------------------------------------------------------------
     def build_networks(self) -> Networks:
@@ -173,13 +174,16 @@ class ImageTask:
         ev = self.cfg.eval
         if ev.fid_samples:
             from ..evaluate import fidelity_metrics
+            from ..inception import private_cache_dir
 
             chunks = [to_uint8(self.samples(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i)) for i in range(0, ev.fid_samples, 256)]
-            # The real set's features are computed once per run and cached in the run folder.
-            cache = Path(self.cfg.run.out_dir) / "fid-cache"
+            # The real set's features are computed once per process and cached in a private folder, never
+            # in the run folder: torch-fidelity reads its cache back as a pickle.
+            if self._fid_cache is None:
+                self._fid_cache = private_cache_dir()
             metrics.update(fidelity_metrics(
                 torch.cat(chunks), self.images, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
-                device=self.device, cache_dir=str(cache), real_name=f"real-{ev.feature_extractor}-{self.images.shape[0]}",
+                device=self.device, cache_dir=self._fid_cache, real_name=f"real-{ev.feature_extractor}-{self.images.shape[0]}",
             ))
         return metrics
 

@@ -15,7 +15,6 @@ data (``read_torchscript_tensors``), never loaded with ``torch.jit.load``.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from .. import safe_pickle
 from ..checkpoint import save as atomic_save
 from ..errors import UserError, run_cli
+from ..inception import inception_skeleton
 
 _SUFFIXES = ("weight", "beta", "mean", "var")
 
@@ -69,20 +69,6 @@ def convert_state(ts_state: dict[str, torch.Tensor], target: nn.Module) -> dict[
         if key in out:
             out[key] = torch.zeros_like(out[key])
     return out
-
-
-def inception_skeleton() -> nn.Module:
-    """torch-fidelity's FeatureExtractorInceptionV3 with untouched random weights (no download)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Skeleton(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # the constructor's load is skipped
-            return None
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        return Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
 
 
 class _ScriptObject(safe_pickle.Record):
