@@ -19,7 +19,12 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
 
 from fastratio.errors import UserError
-from fastratio.tools.convert_inception import basic_convs, convert_state, inception_skeleton, read_torchscript_tensors
+from fastratio.tools.convert_inception import (
+    basic_convs,
+    convert_state,
+    inception_skeleton,
+    read_torchscript_tensors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
