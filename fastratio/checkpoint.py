@@ -2,20 +2,21 @@
 
 A checkpoint is a plain dict of tensors and Python scalars, loadable with
 ``torch.load(path, weights_only=True)``: no pickled code. Files are written to a temporary name in
-the same folder, fsynced and renamed, so a crash leaves either the old or the new file, never half.
+the same folder, fsynced and renamed, so a crash leaves either the old or the new file, never half;
+loading checks every zip member's CRC first, so a flipped bit counts as a corrupt file.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .errors import UserError
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -34,32 +35,40 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save(state: dict[str, Any], path: Path, keep: int | None = None) -> Path:
-    """Write ``state`` atomically to ``path``; keep only the newest ``keep`` checkpoints beside it."""
+    """Write ``state`` atomically to ``path``; of the checkpoints *older* than it, keep the newest
+    ``keep - 1`` (the file just written always stays, and newer ones are never touched)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(state, f))
     if keep is not None:
-        for old in list_checkpoints(path.parent)[:-keep]:
+        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        for old in older[: max(len(older) - (keep - 1), 0)]:
             old.unlink(missing_ok=True)
     return path
 
 
+class CorruptCheckpoint(Exception):
+    """A checkpoint whose bytes fail their CRC (torch's own zip reader does not check them)."""
+
+
+def verify(path: Path) -> None:
+    """Check every member's CRC-32 of a checkpoint (torch.save writes a zip with CRCs): a flipped bit
+    is found here instead of loading silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CorruptCheckpoint(f"not a readable checkpoint archive ({type(err).__name__}: {err})") from None
+    if bad is not None:
+        raise CorruptCheckpoint(f"CRC mismatch in {bad}")
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's dict, CRC-verified and read as data (weights_only)."""
+    verify(path)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
 def load_or_fail(path: Path, culprit: str) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def load_or_fail(path: Path, culprit: str) -> dict[str, Any]:
     try:
         return load(path)
     except Exception as err:  # noqa: BLE001 - corrupt or foreign file
-        raise UserError(f"{culprit}: cannot read checkpoint {path} ({type(err).__name__})") from None
+        raise UserError(f"{culprit}: cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
 
 def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:

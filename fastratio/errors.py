@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
 
 class UserError(Exception):
     """Bad input from the user (config, file, data, checkpoint); the message names the culprit."""
+
+
+def os_error(what: str, err: OSError) -> UserError:
+    """One line for a failed write (read-only folder, disk full, a file where a folder should be)."""
+    return UserError(f"{what}: {err.strerror or type(err).__name__}{' (disk full)' if err.errno == errno.ENOSPC else ''}")
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

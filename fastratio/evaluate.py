@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import datasets
+from .atomic import atomic_write
 from .errors import UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, private_cache_dir
@@ -100,7 +101,7 @@ def report_png(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("FID")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float [B, C, H, W] -> uint8 (EDM's convention: (x + 1) * 127.5, rounded, clipped)."""
@@ -35,7 +37,4 @@ def save_grid(x: torch.Tensor, path: str | Path, cols: int | None = None, scale:
     img = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(Path(path), lambda f: img.save(f, format="PNG"))

@@ -7,9 +7,13 @@ the loop converts them to floats only every ``log_every`` steps (one host sync p
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_write
+from .errors import UserError, os_error
 
 
 class MetricAccumulator:
@@ -37,23 +41,44 @@ class MetricAccumulator:
 
 
 class JsonlLog:
-    """Appends one JSON object per line; on resume, drops lines past the resumed step."""
+    """Appends one JSON object per line. At start the file is rewritten atomically with what it keeps
+    (on resume, the lines up to the resumed step; a partial last line from a crash mid-append is
+    dropped), which also replaces a symlink at its name; appends never follow a symlink."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            self.path.write_text("")
+        kept = []
+        if resume_step is not None and self.path.is_file() and not self.path.is_symlink():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            with os.fdopen(fd, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise os_error(f"run.out_dir: cannot append to {self.path}", err) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a JSONL file; a partial last line (a crash mid-append) is ignored, any other
+    line that is not a JSON object is a one-line error naming it."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def plot_losses(rows: list[dict], path: Path) -> Path:
@@ -73,6 +98,6 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path

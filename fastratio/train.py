@@ -10,6 +10,7 @@ config, metrics.jsonl, checkpoints (state_dicts only) and sample plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from . import config as config_mod
 from .config import Config
 from .draws import Draws
 from .ema import EMA
-from .errors import UserError, run_cli
+from .errors import UserError, os_error, run_cli
 from .guard import DivergenceWatch, StopRequest
 from .optim import make_adam
+from .runfolder import RunFolder
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
 from .runner import StepRunner
 from .shard import Shard
@@ -109,32 +111,55 @@ def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Gener
 
 def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict] | None:
     if resume == "auto":
-        return checkpoint.load_latest(run_dir)
+        found = checkpoint.load_latest(run_dir)
+        if found is None and checkpoint.list_checkpoints(run_dir):
+            raise UserError(f"--resume auto: none of the {len(checkpoint.list_checkpoints(run_dir))} checkpoints in {run_dir} "
+                            "is readable; nothing was changed (pass --resume PATH to pick one, or move them away to start over)")
+        return found
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"--resume: checkpoint {path} not found")
     return path, checkpoint.load_or_fail(path, "--resume")
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Run (or continue) training; returns the run folder. Under torchrun, data parallel over ranks."""
+def _check_same_run(state: dict, cfg: Config, nets: Networks, source: Path) -> None:
+    """A checkpoint resumes only the method and roles that wrote it (a VSD run continued as DiffRatio
+    would start a fresh ratio net and drop the fake score without a word)."""
+    written = state.get("config", {}).get("method", {}).get("name") if isinstance(state.get("config"), dict) else None
+    if written != cfg.method.name:
+        raise UserError(f"--resume: {source} was written by method.name={written}; this config has method.name={cfg.method.name}")
+    roles = {name for name in _ROLES if getattr(nets, name) is not None}
+    saved = set(state.get("nets", {})) if isinstance(state.get("nets"), dict) else set()
+    if saved != roles:
+        raise UserError(f"--resume: {source} holds networks {sorted(saved)}, this run trains {sorted(roles)}")
+
+
+def _save(state: dict, path: Path, keep: int | None = None) -> None:
+    try:
+        checkpoint.save(state, path, keep)
+    except OSError as err:  # disk full, folder gone read-only: the previous checkpoint stays intact
+        raise os_error(f"run.out_dir: cannot write checkpoint {path}", err) from None
+
+
+def train(cfg: Config, resume: str | None = None, force: bool = False) -> Path:
+    """Run (or continue) training; returns the run folder. Under torchrun, data parallel over ranks.
+    ``force`` lets a resume supersede newer checkpoints (moved aside, never deleted)."""
     ctx = distributed.setup(cfg.run.device, resolve_device)
     try:
-        return _train(cfg, resume, ctx)
+        # Rank 0 alone writes the run folder, so it alone holds the folder's lock.
+        with RunFolder(Path(cfg.run.out_dir)) if ctx.is_main else contextlib.nullcontext() as folder:
+            return _train(cfg, resume, ctx, folder, force)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
+def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: RunFolder | None, force: bool) -> Path:
     run_dir = Path(cfg.run.out_dir)
     if resume is None and checkpoint.list_checkpoints(run_dir):
         raise UserError(f"run.out_dir: {run_dir} already holds checkpoints; pass --resume auto or choose another folder")
     global_batch = cfg.optim.batch_size
     if global_batch % ctx.world:
         raise UserError(f"optim.batch_size: {global_batch} (the global batch) is not divisible by the {ctx.world} ranks")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
 
     device = ctx.device
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -145,6 +170,17 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
     shard = Shard(ctx.rank, ctx.world)
 
     found = _find_resume(resume, run_dir) if resume is not None else None
+    metrics_file = run_dir / "metrics.jsonl"
+    if found is None and ctx.is_main and (metrics_file.is_symlink() or (metrics_file.is_file() and metrics_file.stat().st_size)):
+        # A run killed before its first checkpoint, or another run's history: never erase it silently.
+        if not force:
+            raise UserError(f"run.out_dir: {run_dir} holds metrics.jsonl of an earlier run but no checkpoint to resume; "
+                            "choose another folder, or pass --force to move it to superseded-*/")
+        folder.set_aside_history()
+    if found is not None:
+        _check_same_run(found[1], cfg, nets, found[0])
+        if ctx.is_main:
+            folder.supersede_newer(found[1]["step"], force, found[0])
     toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
     if found is None and toy_teacher:
         pretrain_teacher(task, nets, cfg, rng)
@@ -165,6 +201,9 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
         if ctx.is_main:
             print(f"resumed from {path} at step {start}")
 
+    # Everything is validated: only now does the run write into its folder.
+    if ctx.is_main:
+        folder.write_text("config.yaml", config_mod.dump(cfg))
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
@@ -207,17 +246,20 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context) -> Path:
                     if record.get("eval_fid", float("inf")) < best_fid:
                         best_fid = record["eval_fid"]
                         watch.check(step, params, last_good)
-                        checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), run_dir / "best.pt")
+                        _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), run_dir / "best.pt")
                     loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
                     bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
             if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
-                task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
-                plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
+                try:
+                    task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+                    plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
+                except OSError as err:
+                    raise os_error(f"run.out_dir: cannot write plots into {run_dir}", err) from None
             if step % cfg.run.ckpt_every == 0 or last or stopping:
                 watch.check(step, params, last_good)  # never write a diverged state
                 path = checkpoint.checkpoint_path(run_dir, step)
                 if ctx.is_main:
-                    checkpoint.save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), path, cfg.run.keep_ckpts)
+                    _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), path, cfg.run.keep_ckpts)
                 distributed.barrier(ctx)
                 last_good = str(path)
             if stopping:
@@ -233,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="YAML config (default: the built-in toy2d settings)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set optim.batch_size=64")
     parser.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint of run.out_dir, or from PATH")
+    parser.add_argument("--force", action="store_true", help="let --resume supersede newer checkpoints or an earlier run's metrics (moved to superseded-*/, never deleted)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
@@ -240,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(config_mod.dump(cfg), end="")
         return 0
-    run_dir = train(cfg, resume=args.resume)
+    run_dir = train(cfg, resume=args.resume, force=args.force)
     print(f"run folder: {run_dir}")
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .. import toy
+from ..atomic import atomic_write
 from ..config import Config
 from ..networks.mlp import MLPGenerator, MLPRatio, MLPScore
 from ..step import Networks, needs_ratio, needs_scores
@@ -76,5 +77,5 @@ class Toy2DTask:
         ax.legend(loc="upper right", markerscale=4, fontsize=7)
         ax.set_title(path.stem, fontsize=8)
         fig.tight_layout()
-        fig.savefig(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
