@@ -6,10 +6,11 @@
 - **Stale temporary files.** Atomic writes go through ``<name>.<random>.tmp`` files
   (``fastratio.checkpoint.atomic_write``); a run killed mid-write leaves one behind (hundreds of MB for
   a CIFAR-10 checkpoint). Once the lock is held, no live writer can own them, so they are removed.
-- **What a resume may do.** ``--resume`` of a checkpoint older than others in the folder would later
-  prune or overwrite the newer ones and truncate their metrics: it is refused unless ``--force``, which
-  first moves the newer checkpoints and a copy of ``metrics.jsonl`` into ``superseded-<time>/``.
-  Nothing is deleted.
+- **What a resume may do.** ``--resume PATH`` of a checkpoint older than others in the folder would
+  later prune or overwrite the newer ones and truncate their metrics: it is refused unless ``--force``,
+  which first moves the newer checkpoints and a copy of ``metrics.jsonl`` into ``superseded-<time>/``.
+  ``--resume auto`` falls back past unreadable (truncated, corrupt) checkpoints and moves those aside
+  the same way. Nothing is deleted.
 - Text files (``config.yaml``, plots) are written atomically: temp file, fsync, rename, which replaces
   a symlink instead of writing through it.
 """

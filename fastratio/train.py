@@ -180,7 +180,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     if found is not None:
         _check_same_run(found[1], cfg, nets, found[0])
         if ctx.is_main:
-            folder.supersede_newer(found[1]["step"], force, found[0])
+            # Under --resume auto, newer checkpoints are the unreadable ones load_latest skipped: moved aside.
+            folder.supersede_newer(found[1]["step"], force or resume == "auto", found[0])
     toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
     if found is None and toy_teacher:
         pretrain_teacher(task, nets, cfg, rng)
