@@ -8,6 +8,7 @@ dotted key, so the CLI can print one line instead of a traceback.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -254,6 +255,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{prefix or 'config'}: empty or non-text key {key!r}")
         if key not in types_:
             raise ConfigError(f"{dotted}: unknown key (known: {', '.join(types_)})")
         typ = types_[key]
@@ -271,8 +274,43 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+# Upper bounds far above any real setting: a typo (an extra zero, a unit slip) stops here with the
+# key's name instead of as an allocation failure or an endless loop deep inside a run.
+_UPPER = {
+    "run.seed": 2**63 - 1, "run.steps": 10**10, "run.keep_ckpts": 10**4, "optim.batch_size": 2**20, "data.eval_samples": 10**7,
+    "data.max_images": 10**10, "model.latent_dim": 2**16, "model.gen_hidden": 2**16, "model.gen_depth": 256, "model.ratio_hidden": 2**16,
+    "model.ratio_depth": 256, "model.score_hidden": 2**16, "model.score_depth": 256, "model.channels": 4096, "model.num_blocks": 64,
+    "model.augment_dim": 64, "method.ratio_steps": 1000, "method.teacher_steps": 10**8, "teacher.sample_steps": 10**4,
+    "eval.fid_samples": 10**7, "step.warmup_steps": 10**4, "model.dropout": 1.0, "optim.grad_clip": 1e30,
+}
+
+
+def _numbers(obj: Any, prefix: str = ""):
+    """(dotted key, value) of every float field, recursively (for the finiteness check)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+
+
 def validate(cfg: Config) -> Config:
     """Range and choice checks that a type alone cannot express."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if cfg.run.seed < 0:
+        raise ConfigError(f"run.seed: must be >= 0, got {cfg.run.seed}")
+    for key, bound in _UPPER.items():
+        if _get(cfg, key) > bound:
+            raise ConfigError(f"{key}: {_get(cfg, key)} is above the largest accepted value {bound}")
+    if cfg.model.dropout >= 1:
+        raise ConfigError(f"model.dropout: a probability below 1, got {cfg.model.dropout}")
+    if not cfg.run.out_dir.strip():
+        raise ConfigError("run.out_dir: empty; name a folder for the run")
+    if len(cfg.model.channel_mult) > 12 or any(m > 64 for m in cfg.model.channel_mult):
+        raise ConfigError(f"model.channel_mult: {cfg.model.channel_mult} has more than 12 levels or a multiplier above 64")
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -323,6 +361,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
     # YAML scalars give ints, floats, bools and strings their natural types (`2.5`, `true`, `dijs`).
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -346,6 +386,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (the later one would silently win) and deep nesting."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}: duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > _MAX_YAML_DEPTH:
+                raise ConfigError(f"{self.name}: nested deeper than {_MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_MAX_YAML_DEPTH = 32  # a config is three levels deep; anything far beyond is not a config
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
@@ -353,10 +419,23 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        try:
+            loader = _StrictLoader(text)
+            loader.name = str(path)
+            try:
+                data = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     return from_dict(apply_overrides(data, overrides or []))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import tarfile
 import zipfile
 import zlib
@@ -32,6 +33,9 @@ from . import safe_pickle
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a label beyond this is a corrupt file, not a class
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: refuse decompression bombs before decoding
+MAX_MEMBER_BYTES = 1 << 30  # one archive member (a CIFAR-10 batch is 31 MB, an image a few MB)
 DATASET_KINDS = ("cifar10", "folder", "idx", "npz", "digits")
 _WHERE = {
     "cifar10": "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and set data.path to it",
@@ -64,6 +68,8 @@ def _finish(images: np.ndarray, labels: np.ndarray | None, source: str) -> Image
         raise UserError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images")
     if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
         raise UserError(f"{source}: labels must be non-negative integers (got {labels.dtype}, min {labels.min()})")
+    if labels.max() >= MAX_CLASSES:
+        raise UserError(f"{source}: label {labels.max()} implies {labels.max() + 1} classes; at most {MAX_CLASSES} are supported")
     return ImageData(images_t, torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1, source)
 
 
@@ -100,6 +106,8 @@ def load_cifar10(path: Path, split: str) -> ImageData:
                 for name in _CIFAR_BATCHES[split]:
                     if name not in by_name:
                         raise UserError(f"{path}: no {name} inside (is this cifar-10-python.tar.gz?)")
+                    if by_name[name].size > MAX_MEMBER_BYTES:
+                        raise UserError(f"{path}: {name} claims {by_name[name].size} bytes; a CIFAR-10 batch is 31 MB")
                     members[name] = tar.extractfile(by_name[name]).read()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise UserError(f"{path}: corrupt or unreadable tarball ({type(err).__name__}: {str(err).splitlines()[0]})") from None
@@ -108,15 +116,30 @@ def load_cifar10(path: Path, split: str) -> ImageData:
 
 
 # -- image folder / zip ---------------------------------------------------------------------------
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes for 16-bit grey PNGs
+
+
 def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    """uint8 [C, H, W], C 1 or 3. 16-bit grey images are scaled to 8 bits (v * 255 / 65535, rounded),
+    not clipped; palette, alpha and CMYK images become RGB."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{name}: {img.width}x{img.height} pixels is more than an image dataset holds (decompression bomb?)")
             img.load()
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")
-            arr = np.asarray(img)
+            if img.mode in _SIXTEEN_BIT:
+                wide = np.asarray(img).astype(np.int64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise UserError(f"{name}: {img.mode} pixel values outside 0..65535")
+                arr = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+            else:
+                if img.mode not in ("L", "RGB"):
+                    img = img.convert("L" if img.mode == "1" else "RGB")
+                arr = np.asarray(img)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"{name}: cannot decode image ({type(err).__name__})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -127,11 +150,13 @@ def _folder_labels(meta: bytes | None, names: list[str], source: str) -> np.ndar
         return None
     try:
         entries = json.loads(meta)["labels"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise UserError(f"{source}/dataset.json: expected {{'labels': [[path, class], ...]}} ({type(err).__name__})") from None
     if entries is None:
         return None
-    table = {str(k).replace("\\", "/"): v for k, v in entries}
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in entries):
+        raise UserError(f"{source}/dataset.json: 'labels' must be a list of [path, class] pairs (EDM's dataset_tool.py layout)")
+    table = {k.replace("\\", "/"): v for k, v in entries}
     missing = [n for n in names if n not in table]
     if missing:
         raise UserError(f"{source}/dataset.json: no label for {missing[0]} ({len(missing)} images unlabeled)")
@@ -141,11 +166,35 @@ def _folder_labels(meta: bytes | None, names: list[str], source: str) -> np.ndar
     return np.asarray(labels, dtype=np.int64)
 
 
+def _read_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file")
+    if path.stat().st_size > MAX_MEMBER_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes is not an image")
+    return path.read_bytes()
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """One zip member, its CRC checked, refusing encrypted members, unknown compression and sizes no
+    image has (a zip bomb's member claims what it inflates to; the read stops at the claimed size)."""
+    info = archive.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise UserError(f"{path}/{name}: encrypted zip member")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise UserError(f"{path}/{name}: zip compression method {info.compress_type} is not stored or deflate")
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise UserError(f"{path}/{name}: claims {info.file_size} bytes uncompressed")
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as err:
+        raise UserError(f"{path}/{name}: corrupt zip member ({type(err).__name__}: {str(err)[:80]})") from None
+
+
 def load_folder(path: Path, max_images: int) -> ImageData:
     if path.is_dir():
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        read = lambda name: (path / name).read_bytes()
-        meta = (path / "dataset.json").read_bytes() if (path / "dataset.json").is_file() else None
+        read = lambda name: _read_file(path / name)
+        meta = _read_file(path / "dataset.json") if (path / "dataset.json").exists() else None
         archive = None
     else:
         try:
@@ -154,8 +203,8 @@ def load_folder(path: Path, max_images: int) -> ImageData:
             raise UserError(f"{path}: not a readable zip ({err})") from None
         names = set(archive.namelist())
         files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
-        read = archive.read
-        meta = archive.read("dataset.json") if "dataset.json" in names else None
+        read = lambda name: _read_member(archive, name, path)
+        meta = read("dataset.json") if "dataset.json" in names else None
     try:
         labels = _folder_labels(meta, files, str(path))
         if max_images:
@@ -177,19 +226,29 @@ def load_folder(path: Path, max_images: int) -> ImageData:
 
 # -- IDX ------------------------------------------------------------------------------------------
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX array (MNIST format: zero bytes, type code, rank, big-endian dims, data); .gz allowed."""
+    """An IDX array (MNIST format: zero bytes, type code, rank, big-endian dims, data); .gz allowed.
+    Reads exactly what the header promises (a .gz is inflated no further), so a decompression bomb
+    or a lying header stops with one line."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise UserError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
-    rank = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
-    offset = 4 + 4 * rank
-    if len(raw) - offset != int(np.prod(dims)):
-        raise UserError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but {len(raw) - offset} follow")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic {head.hex()})")
+            rank = head[3]
+            if not 1 <= rank <= 4:
+                raise UserError(f"{path}: IDX rank {rank}; image files have rank 3 and label files rank 1")
+            raw_dims = f.read(4 * rank)
+            dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(rank))
+            size = math.prod(dims)
+            if len(raw_dims) < 4 * rank or size > MAX_MEMBER_BYTES * 16:
+                raise UserError(f"{path}: IDX header claims {dims}, more than any image set here")
+            raw = f.read(size)
+            extra = len(f.read(1))
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:80]})") from None
+    if len(raw) != size or extra:
+        raise UserError(f"{path}: header says {dims} ({size} bytes) but {'fewer' if len(raw) < size else 'more'} follow")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def load_idx(path: Path) -> ImageData:
@@ -202,15 +261,36 @@ def load_idx(path: Path) -> ImageData:
 
 
 # -- npz / digits ---------------------------------------------------------------------------------
+def _check_npy_header(path: Path) -> None:
+    """The images array's header must describe exactly the bytes stored (a crafted header claiming
+    10^12 elements would otherwise be an allocation failure)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "images.npy" not in archive.namelist():
+                return  # named in load_npz's own error
+            info = archive.getinfo("images.npy")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                header = f.tell() if f.seekable() else None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: {str(err)[:80]})") from None
+    need = math.prod(shape) * dtype.itemsize
+    if header is not None and need != info.file_size - header:
+        raise UserError(f"{path}: images header says {shape} {dtype} ({need} bytes) but {info.file_size - header} are stored")
+
+
 def load_npz(path: Path) -> ImageData:
+    _check_npy_header(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             images = f["images"]
             labels = f.get("labels", None)
     except KeyError:
         raise UserError(f"{path}: no 'images' array") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"{path}: not a readable .npz ({err})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as err:
+        raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: {str(err)[:80]})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise UserError(f"{path}: 'images' must be uint8 [N, H, W(, C)] or [N, C, H, W], got {images.dtype} {images.shape}")
     if images.ndim == 3:
@@ -238,6 +318,8 @@ def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0
         p = Path(path).expanduser()
         if not path or not p.exists():
             raise UserError(f"data.path: {path or '(empty)'} not found; {_WHERE[kind]}")
+        if not (p.is_file() or p.is_dir()):
+            raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
         loaders = {"cifar10": lambda: load_cifar10(p, split), "folder": lambda: load_folder(p, max_images), "idx": lambda: load_idx(p), "npz": lambda: load_npz(p)}
         data = loaders[kind]()
     if max_images and data.images.shape[0] > max_images:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -14,6 +15,14 @@ class UserError(Exception):
 def os_error(what: str, err: OSError) -> UserError:
     """One line for a failed write (read-only folder, disk full, a file where a folder should be)."""
     return UserError(f"{what}: {err.strerror or type(err).__name__}{' (disk full)' if err.errno == errno.ENOSPC else ''}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, bad choice, missing argument) are one UserError line
+    like every other bad input, instead of a usage block on stderr."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

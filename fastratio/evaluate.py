@@ -14,7 +14,6 @@ Results are appended as JSON lines to ``--out``. Grey images are repeated to 3 c
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from . import datasets
 from .atomic import atomic_write
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, private_cache_dir
 from .runinfo import environment
@@ -107,14 +106,14 @@ def report_png(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastratio.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fastratio.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--n", type=int, default=50000, help="generated images per seed and N")
     parser.add_argument("--seeds", type=int, default=1, help="report FID per seed, and min/mean over seeds (EDM: 3)")
     parser.add_argument("--best-of", type=int, nargs="+", default=[1], help="N values for the FID-vs-N curve")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
-    parser.add_argument("--data-kind", help="override the checkpoint config's data.kind")
+    parser.add_argument("--data-kind", choices=datasets.DATASET_KINDS, help="override the checkpoint config's data.kind")
     parser.add_argument("--data-path", help="override the checkpoint config's data.path")
     parser.add_argument("--inception", help="torch-fidelity Inception weights (.pth) for offline use")
     parser.add_argument("--feature-extractor", default="inception-v3-compat", help="a torch-fidelity feature extractor name")
@@ -125,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    if args.n <= 1 or args.seeds < 1 or min(args.best_of) < 1:
-        raise UserError("--n must be > 1, --seeds and --best-of >= 1")
+    if args.n <= 1 or args.seeds < 1 or min(args.best_of) < 1 or args.batch < 1 or args.steps < 1:
+        raise UserError(f"--n must be > 1, --seeds, --best-of, --batch and --steps >= 1 (got --n {args.n}, --seeds {args.seeds}, "
+                        f"--best-of {min(args.best_of)}, --batch {args.batch}, --steps {args.steps})")
     device = resolve_device(args.device)
     model, state = load_model(args.checkpoint, device)
     verifier = load_verifier(state, args.checkpoint, device) if max(args.best_of) > 1 else None

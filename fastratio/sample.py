@@ -8,14 +8,13 @@ Image runs only (toy runs write their own scatter plots).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
 from .edm_import import load_edm_denoiser
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
 from .networks.image import OneStepGenerator, RatioUNet
 from .networks.unet import Precond, build_denoiser
@@ -39,7 +38,7 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
         model = denoiser if "sigma_init" not in state else OneStepGenerator(denoiser, state["sigma_init"])
         model.load_state_dict(state["ema"])
     except (TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: EMA weights do not fit network_kwargs ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot rebuild the network from network_kwargs and ema ({str(err).splitlines()[0][:160]})") from None
     return model.to(device).eval(), state
 
 
@@ -47,8 +46,11 @@ def load_verifier(state: dict, path: Path, device: torch.device) -> RatioUNet:
     """The ratio network's EMA from a stage-2 DiffRatio/Di-Bregman checkpoint."""
     if "ratio_kwargs" not in state or "ratio_ema" not in state:
         raise UserError(f"{path}: --best-of needs a checkpoint of a run with a ratio network (diffratio or dibregman)")
-    ratio = RatioUNet(**state["ratio_kwargs"])
-    ratio.load_state_dict(state["ratio_ema"])
+    try:
+        ratio = RatioUNet(**state["ratio_kwargs"])
+        ratio.load_state_dict(state["ratio_ema"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: ratio_ema does not fit ratio_kwargs ({str(err).splitlines()[0][:160]})") from None
     return ratio.to(device).eval()
 
 
@@ -93,7 +95,7 @@ def sample(model, n: int, seed: int, device: torch.device, class_index: int | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastratio.sample", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fastratio.sample", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--n", type=int, default=64, help="images in the grid")
     parser.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,6 @@ config, metrics.jsonl, checkpoints (state_dicts only) and sample plots.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from . import config as config_mod
 from .config import Config
 from .draws import Draws
 from .ema import EMA
-from .errors import UserError, os_error, run_cli
+from .errors import ArgumentParser, UserError, os_error, run_cli
 from .guard import DivergenceWatch, StopRequest
 from .optim import make_adam
 from .runfolder import RunFolder
@@ -101,12 +100,23 @@ def _restore(state: dict, nets: Networks, ema: EMA, opts: dict, rng: torch.Gener
             ratio_ema.module.load_state_dict(state["ratio_ema"])
         for name, sd in state["optimizers"].items():
             opts[name].load_state_dict(sd)
+            _check_optimizer_state(opts[name], name, source)
         rng.set_state(state["rng"]["train"])
         torch.set_rng_state(state["rng"]["torch_cpu"])
         if "torch_cuda" in state["rng"] and rng.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["torch_cuda"], rng.device)
-    except (KeyError, RuntimeError, AttributeError) as err:
+    except (KeyError, RuntimeError, AttributeError, ValueError, TypeError) as err:
         raise UserError(f"{source}: checkpoint does not match this config ({str(err).splitlines()[0]})") from None
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer, name: str, source: Path) -> None:
+    """Adam's moments must have their parameter's shape: load_state_dict does not check, and a
+    mismatch would surface as a traceback at the first step."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise UserError(f"{source}: optimizer state {name}.{key} is {tuple(value.shape)} for a parameter of {tuple(param.shape)}")
 
 
 def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict] | None:
@@ -272,7 +282,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastratio.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fastratio.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="YAML config (default: the built-in toy2d settings)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set optim.batch_size=64")
     parser.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint of run.out_dir, or from PATH")

