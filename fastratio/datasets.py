@@ -116,6 +116,12 @@ def load_cifar10(path: Path, split: str) -> ImageData:
 
 
 # -- image folder / zip ---------------------------------------------------------------------------
+def _claimed_size(raw: bytes) -> str:
+    """The size a PNG header claims, for the error message (Pillow refuses before reporting it)."""
+    ihdr = raw.find(b"IHDR")
+    return f"{int.from_bytes(raw[ihdr + 4 : ihdr + 8], 'big')}x{int.from_bytes(raw[ihdr + 8 : ihdr + 12], 'big')}" if ihdr >= 0 else "too many"
+
+
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes for 16-bit grey PNGs
 
 
@@ -140,6 +146,8 @@ def _decode_image(raw: bytes, name: str) -> np.ndarray:
                 arr = np.asarray(img)
     except UserError:
         raise
+    except Image.DecompressionBombError:  # Pillow's own guard, before ours when the claim is extreme
+        raise UserError(f"{name}: {_claimed_size(raw)} pixels is more than an image dataset holds (decompression bomb?)") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"{name}: cannot decode image ({type(err).__name__})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -156,3 +156,14 @@ def test_sklearn_digits_are_real_8x8_images():
     data = load_dataset("digits", "")
     assert data.images.shape == (1797, 1, 8, 8) and data.images.dtype.is_floating_point is False
     assert data.num_classes == 10 and int(data.images.max()) == 255 and int(data.images.min()) == 0
+
+
+def test_sixteen_bit_png_is_read_at_full_depth_and_scaled_to_8_bits(tmp_path):
+    from PIL import Image
+
+    values = np.array([[0, 257, 32768, 65535], [1000, 20000, 40000, 60000]] * 2, dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "a.png")  # written by Pillow as a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    data = load_dataset("folder", str(tmp_path))
+    want = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert data.images.shape == (1, 1, 4, 4) and np.array_equal(data.images[0, 0].numpy(), want)

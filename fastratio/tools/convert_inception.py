@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.src.is_file():
         raise UserError(f"src: {args.src} not found")
+    try:  # before the conversion, so a bad destination costs nothing
+        args.dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(f"dst: cannot create the folder of {args.dst}", err) from None
     state = convert_state(read_torchscript_tensors(args.src), inception_skeleton())
     if args.fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
