@@ -25,7 +25,7 @@ from . import datasets
 from .atomic import atomic_write
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
-from .inception import INCEPTION, checked_weights, private_cache_dir
+from .inception import INCEPTION, checked_weights, default_weights, private_cache_dir
 from .runinfo import environment
 from .sample import load_model, load_verifier, sample
 from .train import resolve_device
@@ -59,10 +59,10 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
         "feature_extractor": feature_extractor, "batch_size": batch, "kid_subset_size": min(1000, n), "verbose": False,
         "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True,
     }
-    if weights:
-        if feature_extractor != INCEPTION:
-            raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
-        kwargs["feature_extractor_weights_path"] = checked_weights(weights)
+    if weights and feature_extractor != INCEPTION:
+        raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
+    if feature_extractor == INCEPTION:  # torch-fidelity never loads an unchecked weights file
+        kwargs["feature_extractor_weights_path"] = checked_weights(weights) if weights else default_weights()
     if real_name and cache_dir:
         kwargs.update(cache=True, cache_root=cache_dir, input2_cache_name=real_name)
     else:

@@ -73,6 +73,28 @@ def checked_weights(path: str, what: str = "--inception") -> str:
     return str(copy)
 
 
+def default_weights() -> str:
+    """torch-fidelity's own Inception weights, checked like a user's file: torch-fidelity would load its
+    torch-hub cache copy with weights_only=False, so a file planted there would run. Downloaded (with
+    torch.hub's SHA-256 prefix check) when not cached."""
+    import re
+    from urllib.parse import urlparse
+
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    name = Path(urlparse(URL_INCEPTION_V3).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        prefix = re.search(r"-([a-f0-9]+)\.", name)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), hash_prefix=prefix.group(1) if prefix else None, progress=False)
+        except Exception as err:  # noqa: BLE001 - offline, proxy, hash mismatch
+            raise UserError(f"cannot download torch-fidelity's Inception weights ({type(err).__name__}); offline, give --inception / "
+                            "eval.inception (python -m fastratio.tools.convert_inception)") from None
+    return checked_weights(str(cached), "torch-fidelity's cached Inception weights")
+
+
 def private_cache_dir() -> str:
     """A folder for torch-fidelity's feature cache that only this process writes (it reads its cache back
     with torch.load(weights_only=False), so the cache must never live in a run folder)."""

@@ -161,3 +161,16 @@ def test_inception_weights_are_checked_as_data_before_torch_fidelity(tmp_path):
     got = torch.load(copy, weights_only=True)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
     assert all(v.dtype != torch.float16 for v in got.values())
+
+
+def test_torch_fidelitys_own_cached_weights_are_checked_too(tmp_path, monkeypatch):
+    """Without --inception torch-fidelity would load its torch-hub cache copy as a pickle."""
+    from fastratio.errors import UserError
+    from fastratio.inception import default_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(_Marker(tmp_path / "MARKER"), tmp_path / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
+    with pytest.raises(UserError, match="cached Inception weights: .* is not a weights file readable as data"):
+        default_weights()
+    assert not (tmp_path / "MARKER").exists()
