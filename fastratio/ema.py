@@ -28,12 +28,17 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, live: nn.Module, beta: float | torch.Tensor) -> None:
+        """ema = beta ema + (1 - beta) live. A tensor ``beta`` stays on the device: _foreach_lerp_ would
+        turn it into a Python scalar (a host sync every step, and an error inside CUDA-graph capture),
+        so the blend is two foreach ops with a tensor scalar."""
         ema_params = list(self.module.parameters())
         live_params = list(live.parameters())
-        weight = 1.0 - beta
-        if isinstance(weight, torch.Tensor):
-            weight = weight.to(ema_params[0].dtype)
-        torch._foreach_lerp_(ema_params, live_params, weight)
+        if isinstance(beta, torch.Tensor):
+            beta = beta.to(ema_params[0].dtype)
+            torch._foreach_mul_(ema_params, beta)
+            torch._foreach_add_(ema_params, torch._foreach_mul(live_params, 1 - beta))
+        else:
+            torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)
         for ema_buf, buf in zip(self.module.buffers(), live.buffers()):
             ema_buf.copy_(buf)
 

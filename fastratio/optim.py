@@ -57,6 +57,10 @@ def optimizer_step(module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor,
         for p in params:
             p.grad = None
         loss.backward()  # DDP's gradient all-reduce hooks fire here
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    else:  # the norm alone (logged, and watched for divergence): no scale-by-1 pass over every gradient
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=loss.device)
     adam_update(opt)
     return norm
