@@ -102,3 +102,29 @@ def test_one_step_generator_is_the_denoiser_at_sigma_init():
     z = torch.randn(2, 3, 16, 16)
     got = OneStepGenerator(net, 2.5)(z)
     torch.testing.assert_close(got, net(2.5 * z, torch.full((2,), 2.5)))
+
+
+@pytest.mark.parametrize("name", ["edm-cifar10-32x32-uncond-vp", "edm-cifar10-32x32-cond-ve", "edm-imagenet-64x64-cond-adm"])
+def test_attention_inputs_meet_the_fused_sdpa_kernels_conditions(name, monkeypatch):
+    """torch's flash / memory-efficient kernels (sdp_utils) need 4-D [B, heads, L, D] inputs with a unit
+    last stride and a head dim that is a multiple of 8, at most 256: checked on the configs' shapes."""
+    from fastratio.networks import unet
+
+    seen = []
+    real = unet.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q, k, v))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", spy)
+    ref = LAYOUTS[name]
+    kwargs = dict(ref["kwargs"], **({"precond": ref["precond"]} if ref["precond"] != "EDMPrecond" else {}))
+    with torch.device("meta"):
+        net = build_denoiser(kwargs)
+        res, labels = kwargs["img_resolution"], kwargs["label_dim"]
+        net(torch.randn(2, 3, res, res), torch.ones(2), torch.zeros(2, labels) if labels else None, torch.zeros(2, 9) if kwargs.get("augment_dim") else None)
+    assert seen
+    for q, k, v in seen:
+        for t in (q, k, v):
+            assert t.dim() == 4 and t.stride(-1) == 1 and t.shape[-1] % 8 == 0 and t.shape[-1] <= 256, (tuple(t.shape), t.stride())

@@ -153,10 +153,14 @@ class UNetBlock(nn.Module):
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         # EDM's qkv channel layout is [head, channel, (q|k|v)]: keep it so EDM weights load unchanged.
+        # q, k, v go to SDPA as [B, heads, L, D] with unit last stride (one copy of qkv), which the fused
+        # flash / memory-efficient GPU kernels require; a strided last dim falls back to the math
+        # kernel and materialises the [L, L] scores.
         b, c, h, w = x.shape
-        q, k, v = self.qkv(x).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        qkv = self.qkv(x).reshape(b, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)  # 3 x [B, heads, L, D]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D]
+        return out.transpose(2, 3).reshape(b, c, h, w)
 
 
 class PositionalEmbedding(nn.Module):
