@@ -31,7 +31,7 @@ def _inject_kernel(x0_ptr, alpha_ptr, std_ptr, out_ptr, n_feat, seed_ptr, noise_
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
     std = tl.load(std_ptr + row).to(tl.float32)
-    eps = tl.randn(seed, idx + noise_offset)
+    eps = tl.randn(seed, (idx + noise_offset).to(tl.int32))  # 32-bit Philox counter (the launcher bounds it)
     tl.store(out_ptr + idx, (alpha * x0 + std * eps).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -44,7 +44,7 @@ def _inject_backward_kernel(
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
-    eps = tl.randn(seed, idx + noise_offset)
+    eps = tl.randn(seed, (idx + noise_offset).to(tl.int32))
     tl.store(grad_x0_ptr + idx, (alpha * g).to(grad_x0_ptr.dtype.element_ty), mask=mask)
     tl.atomic_add(grad_alpha_ptr + row, tl.sum(tl.where(mask, g * x0, 0.0), axis=0))
     tl.atomic_add(grad_std_ptr + row, tl.sum(tl.where(mask, g * eps, 0.0), axis=0))
@@ -109,11 +109,16 @@ def noise_inject(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, seed:
     ``row_offset``: rows b of x0 take the noise of rows b + row_offset of a larger batch."""
     check_rows(x0, {"alpha": alpha, "std": std})
     if not isinstance(seed, torch.Tensor):
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed: must lie in [0, 2^63), got {seed}")
         seed = torch.tensor([int(seed)], dtype=torch.int64, device=x0.device)
     if seed.shape != (1,) or seed.dtype != torch.int64 or seed.device != x0.device:
         raise ValueError(f"seed: expected a one-element int64 tensor on {x0.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
     if row_offset < 0:
         raise ValueError(f"row_offset: must be >= 0, got {row_offset}")
+    if (row_offset + x0.shape[0]) * x0[0].numel() > 2**31:
+        # Philox counters are 32-bit here: beyond 2^31 elements per global batch the noise would repeat.
+        raise ValueError(f"x0: {(row_offset + x0.shape[0]) * x0[0].numel()} noise elements in the global batch exceed 2^31; split the batch")
     return _noise_inject_op(x0, alpha, std, seed, int(row_offset))
 
 

@@ -24,13 +24,23 @@ import triton.language as tl
 
 from fastratio.objectives import MAX_LOG_WEIGHT, generator_weight
 
+from .rows import check_launchable
+
 OBJECTIVE_CODES = {"dikl": 0, "kl": 0, "dijs": 1, "lr": 1, "dirm": 2, "be": 3, "ls": 4, "sba": 5}
 BLOCK = 1024
 
 
 @triton.jit
 def softplus_jit(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # NaN-propagating max (PTX max.NaN.f32): a plain max would turn a NaN logit into 0 here.
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def clamp_max_jit(x, bound):
+    """min(x, bound) that keeps NaN: tl.minimum compiles to PTX min.f32, which returns the bound for a
+    NaN x, and a NaN logit would become a finite maximal weight the divergence guard never sees."""
+    return tl.where(x > bound, bound, x)
 
 
 @triton.jit
@@ -41,13 +51,15 @@ def generator_weight_jit(l, sig, sba_lambda, max_log_weight, OBJECTIVE: tl.const
     elif OBJECTIVE == 1:
         weight = sig
     elif OBJECTIVE == 2:
-        weight = 1.0 - sig
+        # sigmoid(-l) = exp(-softplus(l)), not 1 - sigmoid(l): that cancels to 0 in fp32 for l > ~17
+        # (47% error at l = 16) while the true weight is e^{-l}.
+        weight = tl.exp(-softplus_jit(l))
     elif OBJECTIVE == 3:
-        weight = tl.exp(tl.minimum(l, max_log_weight))
+        weight = tl.exp(clamp_max_jit(l, max_log_weight))
     elif OBJECTIVE == 4:
-        weight = tl.exp(tl.minimum(-l, max_log_weight))
+        weight = tl.exp(clamp_max_jit(-l, max_log_weight))
     else:
-        weight = tl.exp(tl.minimum(-sba_lambda * l, max_log_weight))
+        weight = tl.exp(clamp_max_jit(-sba_lambda * l, max_log_weight))
     return weight
 
 
@@ -84,8 +96,10 @@ def _check(logit: torch.Tensor, label: torch.Tensor, weight_sigma: torch.Tensor,
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match logit {tuple(logit.shape)}")
         if t.device != logit.device:
             raise ValueError(f"{name}: on {t.device}, logit on {logit.device}")
-    if logit.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"logit: dtype {logit.dtype} not supported (float32, bfloat16, float16)")
+    for name, t in (("logit", logit), ("label", label), ("weight_sigma", weight_sigma)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: dtype {t.dtype} not supported (float32, bfloat16, float16)")
+    check_launchable(logit, "logit")
 
 
 @torch.library.custom_op("fastratio::ratio_weighting", mutates_args=())

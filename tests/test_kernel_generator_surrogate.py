@@ -70,3 +70,16 @@ def test_compiles_without_graph_break_forward_and_backward():
         return generator_surrogate(x * 2, grad_logit, logit, w, alpha, "dijs").sum()
 
     assert_compiles_like_eager(f, x0)
+
+
+def test_dirm_and_nan_rows_in_the_surrogate():
+    """Large-logit dirm rows keep their relative accuracy and a NaN logit row stays NaN (both kernels
+    share the weight helper with the ratio-weighting kernel)."""
+    x0 = torch.ones(3, 4)
+    grad_logit = torch.ones(3, 4)
+    logit = torch.tensor([30.0, float("nan"), 2.0])
+    out = generator_surrogate(x0, grad_logit, logit, torch.ones(3), torch.ones(3), "dirm")
+    torch.testing.assert_close(out[0].double(), -4 * torch.sigmoid(torch.tensor(-30.0, dtype=torch.float64)), rtol=1e-5, atol=0)
+    assert torch.isnan(out[1]) and torch.isfinite(out[2])
+    out = generator_surrogate(x0, grad_logit, logit, torch.ones(3), torch.ones(3), "sba", 5.0)
+    assert torch.isnan(out[1])

@@ -6,7 +6,9 @@ import torch
 from fastratio.kernels.ratio_weighting import OBJECTIVE_CODES, ratio_weighting, ratio_weighting_reference
 
 # (dtype, atol, rtol): outputs are float32; bf16 inputs are exact in float32, so the kernel matches a
-# float64 reference on the same rounded inputs to float32 accuracy whatever the input dtype.
+# float64 reference on the same rounded inputs to float32 accuracy whatever the input dtype. (bf16
+# *outputs* would need a one-ulp allowance under the interpreter, which truncates fp32 -> bf16 stores
+# where the GPU rounds to nearest; the backward test below has one.)
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-6, 1e-5)]
 OBJECTIVES = ["dikl", "dijs", "dirm", "be", "ls", "sba"]
 
@@ -82,3 +84,30 @@ def test_compiles_without_graph_break():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(logit, label, w), f(logit, label, w))
+
+
+def test_dirm_weight_keeps_relative_accuracy_at_large_logits():
+    """sigmoid(-l) for l up to 60: 1 - sigmoid(l) in fp32 cancels to 0 beyond l ~ 17 (47% off at 16)."""
+    logit = torch.tensor([5.0, 16.0, 17.0, 25.0, 40.0, 60.0])
+    _, _, scale = ratio_weighting(logit, torch.zeros(6), torch.ones(6), "dirm")
+    want = -torch.sigmoid(-logit.double())
+    torch.testing.assert_close(scale.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["dijs", "dirm", "be", "ls", "sba"])
+def test_a_nan_logit_stays_nan(objective):
+    """The divergence guard must see a NaN: clamping it to the bound would hide it (PTX min.f32)."""
+    logit = torch.tensor([float("nan"), 1.0])
+    loss, _, scale = ratio_weighting(logit, torch.ones(2), torch.ones(2), objective, 5.0)
+    assert torch.isnan(scale[0]) and torch.isnan(loss[0]) and torch.isfinite(scale[1])
+    _, _, scale = ratio_weighting(torch.tensor([1.0]), torch.ones(1), torch.ones(1), "sba", float("nan"))
+    assert torch.isnan(scale[0])
+
+
+def test_launcher_errors_name_the_argument(monkeypatch):
+    logit = torch.zeros(3)
+    with pytest.raises(ValueError, match="label: dtype torch.complex64 not supported"):
+        ratio_weighting(logit, torch.zeros(3, dtype=torch.complex64), torch.ones(3), "dijs")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="logit: on cpu; the Triton kernels need a CUDA device, or TRITON_INTERPRET=1"):
+        ratio_weighting(logit, torch.zeros(3), torch.ones(3), "dijs")
