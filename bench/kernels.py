@@ -1,6 +1,12 @@
-"""Time each fused kernel against its PyTorch reference, eager and torch.compile'd.
+"""Time each fused kernel against its PyTorch reference, eager and torch.compile'd; or compile every
+kernel variant for real GPUs (no GPU needed) and report what ptxas says.
 
     python bench/kernels.py [--batch 64] [--shape 3 32 32] [--out bench/results/kernels_<device>.json]
+    python bench/kernels.py --compile-report [--arch sm_90 sm_80] [--subset default|full] [--out bench/results/kernels_sm90.json]
+
+``--compile-report`` (fastratio.kernels.gpu_build): registers, spills, stack, shared memory and
+vector-load width per variant and architecture, and the targets each variant misses; exit status 1
+when any misses one. Must run without TRITON_INTERPRET (the interpreter replaces the jit functions).
 
 On a GPU: triton.testing.do_bench quantiles (median, 20th, 80th percentile), and GB/s against a
 device-to-device copy of the same bytes measured in the same run. On the CPU only the references
@@ -43,12 +49,41 @@ def _time(fn, cuda: bool) -> tuple[float, float, float]:
     return quantiles_ms(samples)
 
 
+def compile_report(archs: list[str], subset: str, out: Path) -> int:
+    from fastratio.kernels.gpu_build import ARCHS, build, problems, variants
+
+    rows, bad = [], 0
+    env = environment(torch.device("cpu"))
+    t0 = time.perf_counter()
+    print(f"{'variant':<48} {'arch':<6} {'regs':>4} {'spill':>5} {'v4':>3} {'v2':>3}  problems")
+    for arch in archs:
+        for v in variants(full=subset == "full"):
+            row = build(v, ARCHS[arch])
+            row["problems"] = problems(row, v)
+            bad += bool(row["problems"])
+            rows.append({**row, "kernel": v.kernel, "objective": v.objective, "dtype": v.dtype, "aligned": v.aligned, "index_bits": v.index_bits})
+            print(f"{v.name:<48} {arch:<6} {row['registers']:>4} {row['spill_stores'] + row['spill_loads']:>5} {row['ld_global_v4']:>3} "
+                  f"{row['ld_global_v2']:>3}  {'; '.join(row['problems']) or 'ok'}")
+    import triton
+
+    meta = {"torch": env["torch"], "triton": triton.__version__, "commit": env["commit"], "archs": archs, "subset": subset}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "ptxas": "triton wheel's bundled ptxas, -v", "seconds": time.perf_counter() - t0, "rows": rows}, indent=1) + "\n")
+    print(f"{len(rows)} variants, {bad} with problems; wrote {out}")
+    return 1 if bad else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--compile-report", action="store_true", help="compile every kernel variant for GPUs and report ptxas figures")
+    parser.add_argument("--arch", nargs="+", default=["sm_90", "sm_80"], choices=["sm_90", "sm_80"])
+    parser.add_argument("--subset", default="full", choices=["default", "full"])
     args = parser.parse_args()
+    if args.compile_report:
+        return compile_report(args.arch, args.subset, args.out or Path("bench/results/kernels_sm90.json"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     b, shape = args.batch, (args.batch, *args.shape)

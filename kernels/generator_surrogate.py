@@ -21,9 +21,9 @@ import triton.language as tl
 from fastratio.objectives import MAX_LOG_WEIGHT, ratio_direction
 
 from .ratio_weighting import OBJECTIVE_CODES, generator_weight_jit, softplus_jit
-from .rows import check_rows, row_block, row_grid
+from .rows import LAUNCH, check_rows, row_block, row_grid
 
-BLOCK = 1024
+BLOCK, NUM_WARPS, MAX_REGISTERS = LAUNCH
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _surrogate_op(
     out = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.float32)
     _surrogate_forward_kernel[row_grid(x0, BLOCK)](
         x0, grad_logit, logit.contiguous(), weight_sigma.contiguous(), alpha.contiguous(), out, x0[0].numel(),
-        float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK,
+        float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     return out
 
@@ -87,7 +87,7 @@ def _surrogate_backward_op(
     grad_x0 = torch.empty_like(grad_logit, dtype=x0_dtype)
     _surrogate_backward_kernel[row_grid(grad_logit, BLOCK)](
         grad.contiguous(), grad_logit, logit.contiguous(), weight_sigma.contiguous(), alpha.contiguous(), grad_x0,
-        grad_logit[0].numel(), float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK,
+        grad_logit[0].numel(), float(sba_lambda), MAX_LOG_WEIGHT, OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     return grad_x0
 

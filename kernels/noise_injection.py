@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import check_rows, row_block, row_grid
+from .rows import LAUNCH, check_rows, row_block, row_grid
 
-BLOCK = 1024
+BLOCK, NUM_WARPS, MAX_REGISTERS = LAUNCH
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _noise_inject_op(x0: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, s
     out = torch.empty_like(x0)
     if x0.numel():
         n_feat = x0[0].numel()
-        _inject_kernel[row_grid(x0, BLOCK)](x0, alpha.contiguous(), std.contiguous(), out, n_feat, seed, row_offset * n_feat, BLOCK_SIZE=BLOCK)
+        _inject_kernel[row_grid(x0, BLOCK)](x0, alpha.contiguous(), std.contiguous(), out, n_feat, seed, row_offset * n_feat, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     return out
 
 
@@ -76,7 +76,7 @@ def _noise_inject_backward_op(
     if x0.numel():
         n_feat = x0[0].numel()
         _inject_backward_kernel[row_grid(x0, BLOCK)](
-            grad, x0, alpha.contiguous(), grad_x0, grad_alpha, grad_std, n_feat, seed, row_offset * n_feat, BLOCK_SIZE=BLOCK
+            grad, x0, alpha.contiguous(), grad_x0, grad_alpha, grad_std, n_feat, seed, row_offset * n_feat, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS
         )
     return grad_x0, grad_alpha, grad_std
 

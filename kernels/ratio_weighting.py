@@ -24,10 +24,10 @@ import triton.language as tl
 
 from fastratio.objectives import MAX_LOG_WEIGHT, generator_weight
 
-from .rows import check_launchable
+from .rows import LAUNCH, check_launchable
 
 OBJECTIVE_CODES = {"dikl": 0, "kl": 0, "dijs": 1, "lr": 1, "dirm": 2, "be": 3, "ls": 4, "sba": 5}
-BLOCK = 1024
+BLOCK, NUM_WARPS, MAX_REGISTERS = LAUNCH
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _ratio_weighting_op(
     if n:
         _ratio_weighting_kernel[(triton.cdiv(n, BLOCK),)](
             logit, label, weight_sigma, loss, dlogit, scale, n, float(sba_lambda), MAX_LOG_WEIGHT,
-            OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK,
+            OBJECTIVE=objective_code, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )
     return loss, dlogit, scale
 
