@@ -107,7 +107,7 @@ def _signature(template: dict[str, str], v: Variant) -> tuple[dict[str, str], di
 
 
 def ptxas_path() -> str:
-    import triton.backends.nvidia as nvidia
+    from triton.backends import nvidia
 
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 
