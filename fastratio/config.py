@@ -86,6 +86,7 @@ class ModelConfig:
     augment_dim: int = 0  # images: 0, or 9 to condition on augmentation labels (EDM's CIFAR-10 checkpoints have 9)
     sigma_init: float = 2.5  # images: generator g(z) = D(sigma_init z; sigma_init)
     ratio_from_teacher: bool = True  # images: start the ratio encoder from the teacher's
+    checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward)
 
 
 @dataclass

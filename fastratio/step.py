@@ -226,40 +226,57 @@ class TrainStep:
         metrics["gen_direction_norm"] = direction.reshape(direction.shape[0], -1).norm(dim=1).mean()
         return direction, metrics
 
-    def _fused_ratio_surrogate(self, x0, x_t, sigma, labels=None) -> tuple[torch.Tensor, dict]:
-        """Teacher-free surrogate through the fused kernel: the direction is never materialised."""
-        from .kernels.generator_surrogate import generator_surrogate
+    def generator_update(self, z: torch.Tensor, x_fake: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
+        """The generator step, ordered so its peak memory is the larger of its two halves, not their sum.
 
+        1. The direction g at x_t = alpha x_fake + std eps, x_fake being this step's no-grad sample of
+           the same latents (the generator has not changed since, and has no dropout, so it equals the
+           sample the generator's forward below returns), from the just-updated ratio net (or scores).
+           No generator graph exists yet, so the ratio net's input-gradient query (or the score
+           forwards) do not sit on top of the generator's activations.
+        2. The generator's forward with grad, x0, and the surrogate <sg(alpha g), x0>, whose gradient
+           with respect to the generator equals that of <sg(g), x_t> (dx_t/dx0 = alpha; eps is free of
+           the generator). The fused kernel takes exactly (x0, dl/dx_t, l, w, alpha).
+        The random draws (sigma, noise) come in the same order as before this ordering: the
+        generator's forward draws nothing."""
         cfg = self.cfg.method
-        w = self._weight(sigma)
-        logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w, labels)
+        x_t, sigma = self._noised(x_fake)
         alpha, _ = noise_coefficients(sigma, self.cfg.noise.schedule)
-        scale = w * objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
-        metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
-        return generator_surrogate(x0, grad_logit, logit, w, alpha, cfg.objective, cfg.sba_lambda), metrics
-
-    def generator_update(self, z: torch.Tensor, labels=None) -> dict[str, torch.Tensor]:
+        # The fused surrogate kernel knows one weight per objective; the GAN term takes the unfused path.
+        fused = self.triton and self.method == "diffratio" and cfg.gan_weight == 0
+        if fused:  # the direction is never materialised
+            w = self._weight(sigma)
+            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w, labels)
+            scale = w * objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
+            metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
+        else:
+            direction, metrics = self.generator_direction(x_t, sigma, labels)
+            direction = direction * alpha.reshape((-1,) + (1,) * (direction.dim() - 1))
         with self._autocast():
             x0 = self.wrapped["generator"](z, labels).float()
-        x_t, sigma = self._noised(x0)
-        # The fused surrogate kernel knows one weight per objective; the GAN term takes the unfused path.
-        if self.triton and self.method == "diffratio" and self.cfg.method.gan_weight == 0:
-            per_sample, metrics = self._fused_ratio_surrogate(x0, x_t.detach(), sigma, labels)
+        if fused:
+            from .kernels.generator_surrogate import generator_surrogate
+
+            per_sample = generator_surrogate(x0, grad_logit, logit, w, alpha, cfg.objective, cfg.sba_lambda)
         else:
-            direction, metrics = self.generator_direction(x_t.detach(), sigma, labels)
-            per_sample = objectives.surrogate_loss(direction, x_t)
+            per_sample = objectives.surrogate_loss(direction, x0)
         metrics["gen_grad_norm"] = self._apply("generator", self.nets.generator, per_sample.mean())
         return metrics
 
     def __call__(self, x_real, z, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
+        """Auxiliary updates on this step's generator sample, then the generator update. The sample is
+        a no-grad forward drawn once (the generator does not change during the auxiliary updates);
+        the generator update runs its own forward with grad after all auxiliary work. Reusing one
+        forward with grad instead would keep the generator's graph alive under the auxiliary updates,
+        their activations on top of its own (bench/step_cost.py; README, speed section)."""
         metrics: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), self._autocast():
+            x_fake = self.nets.generator(z, labels_fake).float()
         for _ in range(self.cfg.method.ratio_steps):
-            with torch.no_grad(), self._autocast():
-                x_fake = self.nets.generator(z, labels_fake).float()
             if needs_ratio(self.method):
                 metrics.update(self.ratio_update(x_real, x_fake, labels_real, labels_fake))
             if needs_scores(self.method):
                 metrics.update(self.fake_score_update(x_fake, labels_fake))
-        metrics.update(self.generator_update(z, labels_fake))
+        metrics.update(self.generator_update(z, x_fake, labels_fake))
         return metrics
 

@@ -22,9 +22,12 @@ class OneStepGenerator(nn.Module):
     """g(z, c) = D(sigma_init z; sigma_init, c): an EDM denoiser applied once at a fixed noise level,
     initialised from the teacher ("Towards..." Sec. 4: without this init training collapses)."""
 
-    def __init__(self, denoiser: Precond, sigma_init: float):
+    def __init__(self, denoiser: Precond, sigma_init: float, checkpointing: bool = False):
         super().__init__()
         self.denoiser, self.sigma_init = denoiser, sigma_init
+        # Activation checkpointing per UNet block: only block inputs (and the decoder's skips) stay
+        # alive between the forward and the backward, which recomputes each block once.
+        denoiser.model.checkpointing = checkpointing
 
     def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device)

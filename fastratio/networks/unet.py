@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -192,6 +193,16 @@ class _UNetBase(nn.Module):
     map_label: Linear | None
     map_augment: Linear | None
     label_dropout: float
+    # Activation checkpointing (model.checkpointing, set on the generator): each block keeps only its
+    # input and recomputes its activations in the backward pass.
+    checkpointing: bool = False
+
+    def _block(self, block: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not isinstance(block, UNetBlock):
+            return block(x)
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, emb, use_reentrant=False)
+        return block(x, emb)
 
     def _dropped_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
         if self.training and self.label_dropout:
@@ -268,7 +279,7 @@ class _UNetBase(nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = self._block(block, x, emb)
                 skips.append(x)
         return skips
 
@@ -285,7 +296,7 @@ class _UNetBase(nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = self._block(block, x, emb)
         return self.output(x, aux)
 
     def output(self, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:

@@ -57,7 +57,7 @@ def load_teacher(path: str, device: torch.device) -> Precond:
     if not file.is_file():
         raise UserError(f"teacher.checkpoint: {path} not found (train one with method.name=teacher, or give an EDM .pkl)")
     if file.suffix == ".pkl":
-        return load_edm_denoiser(file).to(device)
+        return _on(load_edm_denoiser(file), device)
     state = checkpoint.load_or_fail(file, "teacher.checkpoint")
     if state.get("config", {}).get("method", {}).get("name") != "teacher" or "network_kwargs" not in state:
         raise UserError(f"teacher.checkpoint: {path} is not from a teacher run (method.name=teacher)")
@@ -67,7 +67,15 @@ def load_teacher(path: str, device: torch.device) -> Precond:
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"teacher.checkpoint: {path} weights do not fit its own network_kwargs ({str(err).splitlines()[0]})") from None
     net.init_kwargs = state["network_kwargs"]
-    return net.to(device)
+    return _on(net, device)
+
+
+def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module.to(device)`` unless it is there already. A no-op move still swaps every parameter,
+    which fails for fake tensors (the step cost model builds the networks under FakeTensorMode)."""
+    if all(t.device == device for t in (*module.parameters(), *module.buffers())):
+        return module
+    return module.to(device)
 
 
 def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:
@@ -98,7 +106,7 @@ class ImageTask:
     def build_networks(self) -> Networks:
         cfg, method = self.cfg, self.cfg.method.name
         if method == "teacher":
-            return Networks(teacher=EDMPrecond(**self.kwargs).to(self.device))
+            return Networks(teacher=_on(EDMPrecond(**self.kwargs), self.device))
         teacher = load_teacher(cfg.teacher.checkpoint, self.device).requires_grad_(False).eval()
         t_kwargs = teacher.init_kwargs
         if (t_kwargs["img_channels"], t_kwargs["img_resolution"], t_kwargs.get("label_dim", 0)) != (
@@ -110,7 +118,7 @@ class ImageTask:
             )
         self.generator_kwargs = teacher.init_kwargs
         generator = _without_dropout(copy.deepcopy(teacher)).requires_grad_(True).train()
-        nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init))
+        nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init, cfg.model.checkpointing))
         if needs_ratio(method):
             # The encoder half of the teacher's own UNet (DDPM++, NCSN++ or ADM, as the teacher was built),
             # so it can start from the teacher's encoder. No dropout: the generator update differentiates
@@ -120,7 +128,7 @@ class ImageTask:
                 img_resolution=self.shape[1], img_channels=self.shape[0], label_dim=self.num_classes,
                 sigma_data=cfg.model.sigma_data, schedule=cfg.noise.schedule, **ratio_kwargs,
             )
-            nets.ratio = _without_dropout(RatioUNet(**self.ratio_kwargs)).to(self.device)
+            nets.ratio = _on(_without_dropout(RatioUNet(**self.ratio_kwargs)), self.device)
             if cfg.model.ratio_from_teacher:
                 nets.ratio.load_encoder(teacher)
         if needs_scores(method):
