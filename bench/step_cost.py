@@ -249,6 +249,24 @@ def count_step(size_name: str, method: str, objective: str | None, batch: int | 
     }
 
 
+def cross_check(size: str, precision: str) -> bool:
+    """The same counts from real tensors on the CPU. FLOPs must be equal; bytes within 5%, launches
+    within 2%, the live-storage peak within 20%: the real CPU backward makes a few stride-matching
+    gradient copies (new_empty_strided + copy_) that the fake kernels do not, which at the tiny size
+    is most of the difference."""
+    ok = True
+    for method, objective in (("diffratio", "dijs"), ("vsd", None), ("teacher", None)):
+        fake = count_step(size, method, objective, None, precision, False, fake=True)
+        real = count_step(size, method, objective, None, precision, False, fake=False)
+        checks = {"flops": fake["flops"] == real["flops"], "bytes": abs(fake["bytes"] / real["bytes"] - 1) <= 0.05,
+                  "launches": abs(fake["launches"] / real["launches"] - 1) <= 0.02, "peak": abs(fake["peak_bytes"] / real["peak_bytes"] - 1) <= 0.20}
+        ok &= all(checks.values())
+        print(f"{method:<10} flops {fake['flops']} vs {real['flops']}, bytes {fake['bytes'] / real['bytes']:.3f}x, launches "
+              f"{fake['launches'] / real['launches']:.3f}x, peak {fake['peak_bytes'] / real['peak_bytes']:.3f}x: "
+              f"{'ok' if all(checks.values()) else 'MISMATCH ' + str([k for k, v in checks.items() if not v])}")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cifar10")
@@ -256,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the generator (model.checkpointing)")
     parser.add_argument("--methods", nargs="+", help="subset, e.g. diffratio:dijs vsd")
+    parser.add_argument("--check", action="store_true", help="cross-check fake-tensor counts against a real CPU run (use with --size tiny)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.check:
+        return 0 if cross_check(args.size, args.precision) else 1
     methods = METHODS if not args.methods else [(m.split(":")[0], m.split(":")[1] if ":" in m else None) for m in args.methods]
     rows = []
     env = environment(torch.device("cpu"))
