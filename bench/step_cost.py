@@ -43,18 +43,18 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import SIZES, _config  # noqa: E402 - the benchmark's size presets and config builder
+from step_time import SIZES, _config
 
-from fastratio.draws import Draws  # noqa: E402
-from fastratio.networks.unet import build_denoiser  # noqa: E402
-from fastratio.runinfo import environment  # noqa: E402
-from fastratio.runner import StepRunner  # noqa: E402
-from fastratio.shard import SINGLE  # noqa: E402
-from fastratio.step import TeacherStep, TrainStep  # noqa: E402
-from fastratio.tasks import build_task  # noqa: E402
-from fastratio.tasks import image as image_task  # noqa: E402
-from fastratio.tasks.image import network_kwargs  # noqa: E402
-from fastratio.train import build_averages, build_optimizers  # noqa: E402
+from fastratio.draws import Draws
+from fastratio.networks.unet import build_denoiser
+from fastratio.runinfo import environment
+from fastratio.runner import StepRunner
+from fastratio.shard import SINGLE
+from fastratio.step import TeacherStep, TrainStep
+from fastratio.tasks import build_task
+from fastratio.tasks import image as image_task
+from fastratio.tasks.image import network_kwargs
+from fastratio.train import build_averages, build_optimizers
 
 H100 = {"bf16_tflops": 989.4, "tf32_conv_tflops": 494.7, "fp32_tflops": 66.9, "hbm_tb_s": 3.35, "eager_launch_us": 6.0, "graph_launch_us": 1.5}
 METHODS = [("teacher", None), ("diffratio", "dijs"), ("diffratio", "dikl"), ("diffratio", "dirm"), ("diffratio", "sba"),

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import step_cost  # noqa: E402
+import step_cost
 
 
 def test_fake_counts_agree_with_a_real_cpu_run():
