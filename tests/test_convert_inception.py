@@ -131,7 +131,10 @@ def test_real_inception_features_match(tmp_path):
     src = os.environ["FASTRATIO_INCEPTION_TS"]
     out = tmp_path / "inception.pth"
     subprocess.run([sys.executable, "-m", "fastratio.tools.convert_inception", src, str(out)], cwd=ROOT, check=True)
-    fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(out))
+    from fastratio.inception import checked_weights
+
+    # Through the same check evaluate and the in-loop FID apply before torch-fidelity sees a file.
+    fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=checked_weights(str(out)))
     ts = torch.jit.load(src, map_location="cpu").eval()
     x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     torch.testing.assert_close(fe(x)[0], ts((x.float() - 128) / 128), rtol=1e-4, atol=1e-5)
