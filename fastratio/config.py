@@ -53,6 +53,7 @@ class RunConfig:
     ckpt_every: int = 500  # steps between checkpoints; at most this many steps are lost on a crash
     keep_ckpts: int = 3  # checkpoints kept on disk (newest first)
     progress: bool = True  # tqdm progress bar
+    explode_factor: float = 1e6  # stop when a logged loss or gradient norm exceeds this many times its median so far (0: off)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network forward passes; fp32 master weights and optimizer)
 
 
@@ -204,7 +205,7 @@ _POSITIVE = (
     "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
 )
 _NON_NEGATIVE = (
-    "run.plot_every", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
+    "run.plot_every", "run.explode_factor", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
     "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
     "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import threading
 
 import torch
@@ -48,8 +49,14 @@ class StopRequest:
 
 
 class DivergenceWatch:
-    def __init__(self, device: torch.device):
+    """``explode_factor`` > 0 also stops a run whose logged losses or gradient norms (non-negative
+    metrics) jump above that many times their median over the earlier log lines: still finite, but
+    diverging (a two-score baseline was seen at gradient norm 1e17 with nothing NaN)."""
+
+    def __init__(self, device: torch.device, explode_factor: float = 0.0):
         self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0: all finite so far
+        self.explode_factor = explode_factor
+        self.history: dict[str, list[float]] = {}
 
     def update(self, metrics: dict[str, torch.Tensor], step: int) -> None:
         """Device-side: remember ``step`` if any metric is non-finite and none was before."""
@@ -59,11 +66,30 @@ class DivergenceWatch:
         self.first_bad = torch.where((self.first_bad == 0) & ~finite, step, self.first_bad)
 
     def check(self, step: int, params: list[torch.Tensor], last_good: str, losses: dict[str, float] | None = None) -> None:
-        """Raise TrainingDiverged if a metric or a parameter is non-finite (one host sync)."""
+        """Raise TrainingDiverged if a metric or a parameter is non-finite (one host sync), or a logged
+        loss or norm in ``losses`` exploded (see the class doc)."""
         first = int(self.first_bad)
         bad_param = not bool(torch.stack([p.detach().float().abs().amax() for p in params]).isfinite().all()) if params else False
-        if not first and not bad_param:
+        if first or bad_param:
+            names = [k for k, v in (losses or {}).items() if not math.isfinite(v)]
+            what = f"non-finite {', '.join(names) or 'metrics'} first at step {first}" if first else f"non-finite parameters at step {step}"
+            raise TrainingDiverged(f"{what} (stopped at step {step}); last good checkpoint: {last_good} (kept)")
+        self._check_explosion(step, losses or {}, last_good)
+
+    _WATCHED = ("_loss", "_grad_norm", "_direction_norm")
+    _MIN_HISTORY = 5  # log lines before a median counts
+
+    def _check_explosion(self, step: int, losses: dict[str, float], last_good: str) -> None:
+        if self.explode_factor <= 0:
             return
-        names = [k for k, v in (losses or {}).items() if not math.isfinite(v)]
-        what = f"non-finite {', '.join(names) or 'metrics'} first at step {first}" if first else f"non-finite parameters at step {step}"
-        raise TrainingDiverged(f"{what} (stopped at step {step}); last good checkpoint: {last_good} (kept)")
+        for key, value in losses.items():
+            if not key.endswith(self._WATCHED) or value < 0:
+                continue
+            seen = self.history.setdefault(key, [])
+            if len(seen) >= self._MIN_HISTORY:
+                typical = statistics.median(seen)
+                if value > self.explode_factor * max(typical, 1e-12):
+                    raise TrainingDiverged(
+                        f"{key} exploded to {value:.3g} at step {step}, {value / max(typical, 1e-12):.2g}x its median {typical:.3g} "
+                        f"over earlier log lines (run.explode_factor {self.explode_factor:g}); last good checkpoint: {last_good} (kept)")
+            seen.append(value)

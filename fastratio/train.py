@@ -225,7 +225,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     logged = read_jsonl(run_dir / "metrics.jsonl") if ctx.is_main and (run_dir / "metrics.jsonl").is_file() else []
     best_fid = min((r["eval_fid"] for r in logged if "eval_fid" in r), default=float("inf"))
     acc = MetricAccumulator()
-    watch = DivergenceWatch(device)
+    watch = DivergenceWatch(device, cfg.run.explode_factor)
     params = [p for name in opts for p in getattr(nets, name).parameters()]
     bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not (cfg.run.progress and ctx.is_main))
     t_last, n_last = time.perf_counter(), start

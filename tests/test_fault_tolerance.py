@@ -113,3 +113,29 @@ def test_nan_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match="non-finite .* last good checkpoint: none yet"):
         train(cfg)
     assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+def test_a_finite_explosion_stops_naming_the_metric_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    """Nothing NaN, but the generator's gradient norm jumps by 10^9 (as a diverging two-score run did)."""
+    original = TrainStep.__call__
+    calls = {"n": 0}
+
+    def exploding(self, *args):
+        calls["n"] += 1
+        metrics = original(self, *args)
+        if calls["n"] >= 33:
+            metrics["gen_grad_norm"] = metrics["gen_grad_norm"] * 1e9
+        return metrics
+
+    monkeypatch.setattr(TrainStep, "__call__", exploding)
+    cfg = config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path}", "run.log_every=5"])
+    with pytest.raises(TrainingDiverged, match=r"gen_grad_norm exploded to .* at step 35, .*x its median .* \(run.explode_factor 1e\+06\); "
+                                               r"last good checkpoint: .*ckpt-000000020.pt \(kept\)"):
+        train(cfg)
+    assert [checkpoint.load(p)["step"] for p in checkpoint.list_checkpoints(tmp_path)] == [20]
+    # The factor is the user's: 0 turns the check off.
+    calls["n"] = 0
+    train(config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path / 'off'}", "run.log_every=5", "run.explode_factor=0"]))
+    # And a normal run never trips the default.
+    monkeypatch.setattr(TrainStep, "__call__", original)
+    train(config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path / 'normal'}", "run.log_every=5"]))
