@@ -181,17 +181,17 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
 
     found = _find_resume(resume, run_dir) if resume is not None else None
     metrics_file = run_dir / "metrics.jsonl"
-    if found is None and ctx.is_main and (metrics_file.is_symlink() or (metrics_file.is_file() and metrics_file.stat().st_size)):
+    earlier_history = found is None and ctx.is_main and (metrics_file.is_symlink() or (metrics_file.is_file() and metrics_file.stat().st_size))
+    if earlier_history and not force:
         # A run killed before its first checkpoint, or another run's history: never erase it silently.
-        if not force:
-            raise UserError(f"run.out_dir: {run_dir} holds metrics.jsonl of an earlier run but no checkpoint to resume; "
-                            "choose another folder, or pass --force to move it to superseded-*/")
-        folder.set_aside_history()
+        raise UserError(f"run.out_dir: {run_dir} holds metrics.jsonl of an earlier run but no checkpoint to resume; "
+                        "choose another folder, or pass --force to move it to superseded-*/")
+    # Under --resume auto, newer checkpoints are the unreadable ones load_latest skipped.
+    supersede = force or resume == "auto"
     if found is not None:
         _check_same_run(found[1], cfg, nets, found[0])
         if ctx.is_main:
-            # Under --resume auto, newer checkpoints are the unreadable ones load_latest skipped: moved aside.
-            folder.supersede_newer(found[1]["step"], force or resume == "auto", found[0])
+            folder.check_newer(found[1]["step"], supersede, found[0])
     toy_teacher = cfg.data.kind == "toy2d" and needs_scores(cfg.method.name)
     if found is None and toy_teacher:
         pretrain_teacher(task, nets, cfg, rng)
@@ -212,8 +212,12 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         if ctx.is_main:
             print(f"resumed from {path} at step {start}")
 
-    # Everything is validated: only now does the run write into its folder.
+    # Everything is validated: only now does the run change its folder.
     if ctx.is_main:
+        if earlier_history:
+            folder.set_aside_history()
+        if found is not None:
+            folder.supersede_newer(found[1]["step"], supersede, found[0])
         folder.write_text("config.yaml", config_mod.dump(cfg))
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep

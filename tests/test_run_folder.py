@@ -216,3 +216,12 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_check
         train(_cfg(run))
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000002.pt"]
     assert not list(run.glob("*.tmp"))
+
+
+def test_a_forced_resume_that_fails_validation_moves_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(run, "run.keep_ckpts=3", steps=6))
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UserError, match="does not match this config"):
+        train(_cfg(run, "model.ratio_hidden=24", steps=8), resume=str(checkpoint.checkpoint_path(run, 2)), force=True)
+    assert sorted(p.name for p in run.iterdir()) == before and not list(run.glob("superseded-*"))
