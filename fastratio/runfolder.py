@@ -77,18 +77,18 @@ class RunFolder:
     def _newer(self, step: int) -> list[Path]:
         return [p for p in checkpoint.list_checkpoints(self.path) if p.name > checkpoint.checkpoint_path(self.path, step).name]
 
-    def check_newer(self, step: int, force: bool, source: Path) -> None:
-        """Checkpoints newer than ``step`` block a resume from ``step`` unless ``force`` (checked before
-        anything moves, so a resume refused later leaves the folder as it was)."""
+    def check_newer(self, step: int, force: bool, source: Path) -> list[Path]:
+        """The checkpoints newer than ``step``; they block a resume from ``step`` unless ``force``
+        (checked before anything moves, so a resume refused later leaves the folder as it was)."""
         newer = self._newer(step)
         if newer and not force:
             raise UserError(f"--resume: {source} is at step {step}, but {self.path} holds {len(newer)} newer checkpoint(s) up to "
                             f"{newer[-1].name}; resuming would discard them. Pass --force to move them to superseded-*/")
+        return newer
 
     def supersede_newer(self, step: int, force: bool, source: Path) -> Path | None:
         """Move the checkpoints newer than ``step`` (and a copy of metrics.jsonl) aside; returns that folder."""
-        self.check_newer(step, force, source)
-        newer = self._newer(step)
+        newer = self.check_newer(step, force, source)
         if not newer:
             return None
         aside = self._aside()

@@ -3,6 +3,7 @@ nothing back to the host: a device-to-host read would stall a GPU every step and
 CUDA-graph capture. Checked by running iterations under a dispatch mode that fails on the ops a host
 read goes through (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``; ``aten.equal``)."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastratio import config
-from fastratio.draws import Draws
-from fastratio.runner import StepRunner
-from fastratio.shard import Shard
-from fastratio.step import TrainStep
-from fastratio.tasks import build_task
-from fastratio.train import build_averages, build_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from step_time import _build
+
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default}
 
 
@@ -44,13 +42,7 @@ def _run_without_sync(runner, steps=2):
 
 
 def _runner(cfg):
-    torch.manual_seed(0)
-    task = build_task(cfg, torch.device("cpu"))
-    nets = task.build_networks()
-    opts = build_optimizers(nets, cfg)
-    _, _, averages = build_averages(nets, cfg)
-    step = TrainStep(cfg, nets, opts, Draws(torch.Generator().manual_seed(0)), Shard())
-    return StepRunner(cfg, task, nets, step, Shard(), torch.device("cpu"), averages)
+    return _build(cfg, torch.device("cpu"))[1]  # the benchmark's builder: the trainer's own construction path
 
 
 def test_the_mode_catches_a_host_read():
