@@ -66,6 +66,12 @@ class DataConfig:
     split: str = "train"  # cifar10: train | test
     max_images: int = 0  # images: keep only the first N (0: all)
     conditional: bool = False  # images: condition every network on the class label
+    source: str = "memory"  # images: memory (whole set on the device, batches drawn inside the step) | stream (worker processes read from disk; folder/zip)
+    memory_budget_gb: float = 16.0  # memory: a set larger than this (decoded uint8) stops at start-up and suggests data.source=stream
+    workers: int = 4  # stream: loader processes per rank (0: read in the training process)
+    prefetch: int = 4  # stream: batches each worker prepares ahead
+    timeout_s: float = 600.0  # stream: a batch not ready after this many seconds stops the run (a hung filesystem; 0: wait forever)
+    skip_corrupt: bool = False  # stream: an unreadable member is replaced by the next readable one and counted (false: stop, naming it)
 
 
 @dataclass
@@ -186,6 +192,7 @@ _CHOICES = {
     "data.mixture": TOY_MIXTURES,
     "data.kind": DATA_KINDS,
     "data.split": ("train", "test"),
+    "data.source": ("memory", "stream"),
     "model.arch": ARCHS,
     "model.augment_dim": (0, AUGMENT_DIM),
     "teacher.loss": TEACHER_LOSSES,
@@ -203,12 +210,14 @@ _POSITIVE = (
     "model.sigma_data", "method.ratio_steps", "noise.sigma_fixed", "noise.sigma_min",
     "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
     "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
+    "data.memory_budget_gb", "data.prefetch",
 )
 _NON_NEGATIVE = (
     "run.plot_every", "run.explode_factor", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
     "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
     "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
+    "data.workers", "data.timeout_s",
 )
 
 
@@ -284,6 +293,7 @@ _UPPER = {
     "model.ratio_depth": 256, "model.score_hidden": 2**16, "model.score_depth": 256, "model.channels": 4096, "model.num_blocks": 64,
     "model.augment_dim": 64, "method.ratio_steps": 1000, "method.teacher_steps": 10**8, "teacher.sample_steps": 10**4,
     "eval.fid_samples": 10**7, "step.warmup_steps": 10**4, "model.dropout": 1.0, "optim.grad_clip": 1e30,
+    "data.workers": 256, "data.prefetch": 1024, "data.timeout_s": 1e6, "data.memory_budget_gb": 1e6,
 }
 
 
@@ -347,6 +357,8 @@ def _validate_images(cfg: Config) -> None:
             raise ConfigError(f"{key}: a probability, got {_get(cfg, key)}")
     if cfg.augment.p > 0 and cfg.model.augment_dim != AUGMENT_DIM:
         raise ConfigError(f"model.augment_dim: augment.p > 0 passes augmentation labels, set it to {AUGMENT_DIM}")
+    if cfg.data.source == "stream" and cfg.data.kind != "folder":
+        raise ConfigError(f"data.source: 'stream' reads image folders and dataset_tool zips (data.kind=folder), not data.kind={cfg.data.kind!r}")
     if not toy and cfg.method.name != "teacher" and not cfg.teacher.checkpoint:
         raise ConfigError("teacher.checkpoint: image stage 2 starts from a teacher; train one (method.name=teacher) or give an EDM .pkl")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import datasets
+from .data.formats import DATASET_KINDS, load_dataset
 from .atomic import atomic_write
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-of", type=int, nargs="+", default=[1], help="N values for the FID-vs-N curve")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
-    parser.add_argument("--data-kind", choices=datasets.DATASET_KINDS, help="override the checkpoint config's data.kind")
+    parser.add_argument("--data-kind", choices=DATASET_KINDS, help="override the checkpoint config's data.kind")
     parser.add_argument("--data-path", help="override the checkpoint config's data.path")
     parser.add_argument("--inception", help="torch-fidelity Inception weights (.pth) for offline use")
     parser.add_argument("--feature-extractor", default="inception-v3-compat", help="a torch-fidelity feature extractor name")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, path = args.data_kind or data_cfg.get("kind"), args.data_path or data_cfg.get("path")
     if not kind or not path:
         raise UserError(f"{args.checkpoint}: no run config to take the real images from; give --data-kind and --data-path")
-    real = datasets.load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
+    real = load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
     out = args.out or args.checkpoint.with_name("metrics-eval.jsonl")
     env = environment(device)
     rows = []

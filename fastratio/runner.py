@@ -87,7 +87,7 @@ class StepRunner:
 
     def _batch(self) -> tuple:
         batch, rng = self.cfg.optim.batch_size, self.draws.generator
-        x_real, labels_real = (_take(self.shard, t) for t in self.task.sample_real(batch, rng))
+        x_real, labels_real = self.task.sample_real(batch, rng, self.shard)
         z, labels_fake = (_take(self.shard, t) for t in self.task.sample_latent(batch, rng))
         return x_real, z, labels_real, labels_fake
 
@@ -140,6 +140,7 @@ class StepRunner:
 
     def __call__(self) -> dict[str, torch.Tensor]:
         self.steps += 1
+        self.task.advance()  # host side: a streamed batch lands in the buffers the step (or graph) reads
         if self.mode != "graph":
             t0 = time.perf_counter()
             metrics = self._iteration()

@@ -76,9 +76,10 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
 
 
 def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, extras: dict,
-           ratio_ema: EMA | None) -> dict:
+           ratio_ema: EMA | None, data: dict) -> dict:
     return {
         **extras,
+        "data": data,
         **({"ratio_ema": ratio_ema.module.state_dict()} if ratio_ema is not None else {}),
         "step": step,
         "nimg": nimg,
@@ -172,12 +173,12 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         raise UserError(f"optim.batch_size: {global_batch} (the global batch) is not divisible by the {ctx.world} ranks")
 
     device = ctx.device
+    shard = Shard(ctx.rank, ctx.world)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    task = build_task(cfg, device)
+    task = build_task(cfg, device, shard)
     nets = task.build_networks()
     opts = build_optimizers(nets, cfg)
     rng = torch.Generator(device).manual_seed(cfg.run.seed)  # the shared stream (fastratio.shard)
-    shard = Shard(ctx.rank, ctx.world)
 
     found = _find_resume(resume, run_dir) if resume is not None else None
     metrics_file = run_dir / "metrics.jsonl"
@@ -206,6 +207,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         if toy_teacher:
             nets.teacher.requires_grad_(False).eval()
         _restore(state, nets, ema, opts, rng, path, ratio_ema)
+        task.load_data_state(state.get("data", {}), str(path))
         start, nimg, last_good = state["step"], state["nimg"], str(path)
         if ctx.world > 1:
             torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)
@@ -261,7 +263,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
                     if record.get("eval_fid", float("inf")) < best_fid:
                         best_fid = record["eval_fid"]
                         watch.check(step, params, last_good)
-                        _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), run_dir / "best.pt")
+                        _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), run_dir / "best.pt")
                     loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
                     bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
             if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
@@ -274,7 +276,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
                 watch.check(step, params, last_good)  # never write a diverged state
                 path = checkpoint.checkpoint_path(run_dir, step)
                 if ctx.is_main:
-                    _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema), path, cfg.run.keep_ckpts)
+                    _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), path, cfg.run.keep_ckpts)
                 distributed.barrier(ctx)
                 last_good = str(path)
             if stopping:

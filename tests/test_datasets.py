@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from testkit import idx_bytes, png_bytes
 
-from fastratio.datasets import load_dataset, read_idx
+from fastratio.data.formats import load_dataset, read_idx
 from fastratio.errors import UserError
 
 RNG = np.random.default_rng(0)

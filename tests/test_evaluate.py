@@ -14,7 +14,7 @@ from testkit import idx_bytes
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from fastratio import checkpoint
-from fastratio.datasets import load_dataset
+from fastratio.data.formats import load_dataset
 from fastratio.evaluate import fidelity_metrics
 from fastratio.evaluate import main as evaluate_main
 from fastratio.train import main as train_main

@@ -12,7 +12,8 @@ from typing import Protocol
 import torch
 
 from ..config import Config
-from ..datasets import DATASET_KINDS
+from ..data.formats import DATASET_KINDS
+from ..shard import SINGLE, Shard
 from ..step import Networks
 
 
@@ -20,8 +21,18 @@ class Task(Protocol):
     def build_networks(self) -> Networks:
         """Fresh networks for the configured method (unused roles None)."""
 
-    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n training samples [n, ...] and their one-hot labels [n, K] (None: unconditional), on the task's device."""
+    def sample_real(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shard's rows of a global batch of n training samples [n / world, ...] and their one-hot
+        labels (None: unconditional), on the task's device. Called inside the step (may be captured)."""
+
+    def advance(self) -> None:
+        """Host-side work before each step (a streaming source copies the next batch to the device)."""
+
+    def data_state(self) -> dict:
+        """Where the run is in its data (saved with every checkpoint)."""
+
+    def load_data_state(self, state: dict, source: str) -> None:
+        """Continue from a checkpoint's ``data_state`` (``source`` names the checkpoint in errors)."""
 
     def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """n generator inputs [n, ...] and the one-hot classes to generate (None: unconditional)."""
@@ -36,7 +47,7 @@ class Task(Protocol):
         """Plain data saved with every checkpoint (e.g. how to rebuild a network)."""
 
 
-def build_task(cfg: Config, device: torch.device) -> Task:
+def build_task(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> Task:
     if cfg.data.kind == "toy2d":
         from .toy2d import Toy2DTask
 
@@ -44,5 +55,5 @@ def build_task(cfg: Config, device: torch.device) -> Task:
     if cfg.data.kind in DATASET_KINDS:
         from .image import ImageTask
 
-        return ImageTask(cfg, device)
+        return ImageTask(cfg, device, shard)
     raise ValueError(f"data.kind: unknown task {cfg.data.kind!r}")

@@ -1,4 +1,4 @@
-"""Image task: EDM networks on a real dataset held on the training device.
+"""Image task: EDM networks on a real dataset, held on the training device or streamed from disk.
 
 Stage 1 (``method.name: teacher``) trains an EDM denoiser (``nets.teacher``); its checkpoints carry
 the network's constructor kwargs so stage 2 can rebuild it. Stage 2 reads ``teacher.checkpoint`` (a
@@ -16,10 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, datasets
+from .. import checkpoint
+from ..data.formats import load_dataset
+from ..data.memory import MemorySource
+from ..data.stream import StreamSource
 from ..config import Config
 from ..edm_import import load_edm_denoiser
 from ..errors import UserError
+from ..shard import SINGLE, Shard
 from ..images import save_grid, to_uint8
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.unet import EDMPrecond, Precond, UNetBlock, build_denoiser
@@ -86,17 +90,24 @@ def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class ImageTask:
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, shard: Shard = SINGLE):
         self.cfg, self.device = cfg, device
-        data = datasets.load_dataset(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.max_images)
-        if cfg.data.conditional and data.labels is None:
-            raise UserError(f"data.conditional: {data.source} has no labels")
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device) if cfg.data.conditional else None
-        self.num_classes = data.num_classes if cfg.data.conditional else 0
-        self.shape = data.shape
+        d = cfg.data
+        if d.source == "stream":
+            self.source = StreamSource(d.path, max_items=d.max_images, global_batch=cfg.optim.batch_size, shard=shard, seed=cfg.run.seed,
+                                       device=device, conditional=d.conditional, workers=d.workers, prefetch=d.prefetch,
+                                       timeout_s=d.timeout_s, skip_corrupt=d.skip_corrupt)
+        else:
+            data = load_dataset(d.kind, d.path, d.split, d.max_images, d.memory_budget_gb)
+            self.source = MemorySource(data, device, d.conditional)
+        if self.source.images.dtype != torch.uint8:
+            raise UserError(f"data.path: {d.path} holds {self.source.images.dtype} arrays (latents), not uint8 images; "
+                            "latent datasets are not trained on yet")
+        self.num_classes = self.source.num_classes
+        self.shape = self.source.shape
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
         self._fid_cache: str | None = None
+        self._reference: torch.Tensor | None = None
         if cfg.eval.fid_samples and cfg.eval.inception:  # checked now, not at the first evaluation hours later
             from ..inception import checked_weights
 
@@ -152,10 +163,18 @@ class ImageTask:
         # inside a captured step.
         return None if labels is None else (labels[:, None] == torch.arange(self.num_classes, device=labels.device)).float()
 
-    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = torch.randint(self.images.shape[0], (n,), generator=rng, device=self.device)
-        x = self.images[idx].float() / 127.5 - 1
-        return x, None if self.labels is None else self._one_hot(self.labels[idx])
+    def sample_real(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = self.source.draw(n, rng, shard)
+        return images.float() / 127.5 - 1, self._one_hot(labels)
+
+    def advance(self) -> None:
+        self.source.advance()
+
+    def data_state(self) -> dict:
+        return self.source.state()
+
+    def load_data_state(self, state: dict, source: str) -> None:
+        self.source.load_state(state, source)
 
     def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn((n, *self.shape), generator=rng, device=self.device)
@@ -179,7 +198,7 @@ class ImageTask:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Per-channel mean/std gaps to the data, and FID/KID (torch-fidelity) when eval.fid_samples > 0."""
         fake = to_uint8(self.samples(model, min(self.cfg.data.eval_samples, 256))).float()
-        real = self.images[: fake.shape[0] * 4].float()
+        real = self._real_reference()[: fake.shape[0] * 4].float()
         mean_gap = (fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean() / 255
         std_gap = (fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean() / 255
         metrics = {"pixel_mean_gap": float(mean_gap), "pixel_std_gap": float(std_gap)}
@@ -193,11 +212,20 @@ class ImageTask:
             # in the run folder: torch-fidelity reads its cache back as a pickle.
             if self._fid_cache is None:
                 self._fid_cache = private_cache_dir()
+            real = self._real_reference()
             metrics.update(fidelity_metrics(
-                torch.cat(chunks), self.images, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
-                device=self.device, cache_dir=self._fid_cache, real_name=f"real-{ev.feature_extractor}-{self.images.shape[0]}",
+                torch.cat(chunks), real, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
+                device=self.device, cache_dir=self._fid_cache, real_name=f"real-{ev.feature_extractor}-{real.shape[0]}",
             ))
         return metrics
+
+    def _real_reference(self) -> torch.Tensor:
+        """What evaluation compares with: the whole set in memory; when streaming, a fixed random
+        subset of max(eval.fid_samples, 1024) members, read once."""
+        if self._reference is None:
+            count = len(self.source) if isinstance(self.source, MemorySource) else max(self.cfg.eval.fid_samples, 1024)
+            self._reference = self.source.reference(count)[0]
+        return self._reference
 
     def plot(self, model: torch.nn.Module, path: Path) -> None:
         save_grid(self.samples(model, _GRID), path, scale=max(1, 64 // self.shape[1]))

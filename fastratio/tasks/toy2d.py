@@ -10,6 +10,7 @@ from .. import toy
 from ..atomic import atomic_write
 from ..config import Config
 from ..networks.mlp import MLPGenerator, MLPRatio, MLPScore
+from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation draws its own fixed stream: it never perturbs the training RNG
@@ -35,8 +36,17 @@ class Toy2DTask:
                 setattr(nets, name, getattr(nets, name).to(self.device))
         return nets
 
-    def sample_real(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
-        return self.mixture_dev.sample(n, rng), None
+    def sample_real(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, None]:
+        return shard.take(self.mixture_dev.sample(n, rng)), None
+
+    def advance(self) -> None:
+        """Samples are drawn inside the step."""
+
+    def data_state(self) -> dict:
+        return {}
+
+    def load_data_state(self, state: dict, source: str) -> None:
+        """Exact samples from the run's generator: nothing to restore beyond it."""
 
     def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
         return torch.randn(n, self.cfg.model.latent_dim, generator=rng, device=self.device), None

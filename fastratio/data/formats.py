@@ -20,6 +20,8 @@ import gzip
 import io
 import json
 import math
+import os
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -29,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import safe_pickle
-from .errors import UserError
+from .. import safe_pickle
+from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a label beyond this is a corrupt file, not a class
@@ -182,54 +184,164 @@ def _read_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
-    """One zip member, its CRC checked, refusing encrypted members, unknown compression and sizes no
-    image has (a zip bomb's member claims what it inflates to; the read stops at the claimed size)."""
-    info = archive.getinfo(name)
+def _check_member(info: zipfile.ZipInfo, path: Path) -> None:
+    """Refuse encrypted members, unknown compression and sizes no image has (a zip bomb's member
+    claims what it inflates to; reads stop at the claimed size)."""
+    name = info.filename
     if info.flag_bits & 0x1:
         raise UserError(f"{path}/{name}: encrypted zip member")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise UserError(f"{path}/{name}: zip compression method {info.compress_type} is not stored or deflate")
     if info.file_size > MAX_MEMBER_BYTES:
         raise UserError(f"{path}/{name}: claims {info.file_size} bytes uncompressed")
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """One zip member through zipfile (its CRC checked), after ``_check_member``."""
+    info = archive.getinfo(name)
+    _check_member(info, path)
     try:
         return archive.read(info)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as err:
         raise UserError(f"{path}/{name}: corrupt zip member ({type(err).__name__}: {str(err)[:80]})") from None
 
 
-def load_folder(path: Path, max_images: int) -> ImageData:
-    if path.is_dir():
-        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        read = lambda name: _read_file(path / name)
-        meta = _read_file(path / "dataset.json") if (path / "dataset.json").exists() else None
-        archive = None
-    else:
-        try:
-            archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as err:
-            raise UserError(f"{path}: not a readable zip ({err})") from None
-        names = set(archive.namelist())
-        files = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
-        read = lambda name: _read_member(archive, name, path)
-        meta = read("dataset.json") if "dataset.json" in names else None
+def _decode_array(raw: bytes, name: str) -> np.ndarray:
+    """A ``.npy`` member (EDM2's latent datasets: one float32 [C, H, W] array per image), read as
+    data: ``allow_pickle=False``, and the header must describe exactly the bytes stored."""
     try:
-        labels = _folder_labels(meta, files, str(path))
-        if max_images:
-            files = files[:max_images]
-            labels = None if labels is None else labels[:max_images]
+        f = io.BytesIO(raw)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
+            raise ValueError(f"header says {shape} {dtype}, {len(raw) - f.tell()} bytes stored")
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for bad files
+        raise UserError(f"{name}: cannot read .npy array ({type(err).__name__}: {str(err)[:80]})") from None
+    if arr.ndim != 3 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.uint8):
+        raise UserError(f"{name}: expected a [C, H, W] float or uint8 array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we do not need, name and extra lengths
+
+
+class Archive:
+    """The members of an image folder or an EDM/EDM2 ``dataset_tool.py`` zip (``00000/img00000000.png``
+    or ``.npy`` latents, labels in ``dataset.json``), in sorted name order, read one at a time.
+
+    The index is a few numpy arrays (names as fixed-width bytes, zip offsets, sizes, CRCs: ~60 bytes a
+    member, ~80 MB for ImageNet) rather than Python objects: DataLoader workers fork with it and a
+    numpy array's pages stay shared, where a list of strings or ``ZipInfo`` objects is copied into
+    every worker page by page as reference counts change. Members are read with ``os.pread`` from a
+    descriptor opened in each reading process (a descriptor inherited across a fork would do too,
+    pread has no shared offset, but a pickled Archive carries none).
+    """
+
+    def __init__(self, path: Path, max_items: int = 0):
+        self.path, self.is_zip = path, not path.is_dir()
+        self._fd, self._pid = -1, -1
+        if self.is_zip:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    infos = {info.filename: info for info in archive.infolist() if not info.is_dir()}
+                    meta = _read_member(archive, "dataset.json", path) if "dataset.json" in infos else None
+            except (zipfile.BadZipFile, OSError) as err:
+                raise UserError(f"{path}: not a readable zip ({err})") from None
+            names = set(infos)
+        else:
+            names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+            meta = _read_file(path / "dataset.json") if "dataset.json" in names else None
+        images = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        arrays = sorted(n for n in names if Path(n).suffix.lower() == ".npy")
+        if images and arrays:
+            raise UserError(f"{path}: holds both images ({images[0]}) and .npy arrays ({arrays[0]}); a dataset is one or the other")
+        chosen = images or arrays
+        if not chosen:
+            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) or .npy arrays found")
+        labels = _folder_labels(meta, chosen, str(path))
+        if max_items:
+            chosen = chosen[:max_items]
+            labels = None if labels is None else labels[:max_items]
+        self.labels = labels
+        self.names = np.array([n.encode() for n in chosen])
+        self.arrays = bool(arrays)
+        if self.is_zip:
+            zinfo = [infos[n] for n in chosen]
+            for info in zinfo:
+                _check_member(info, path)
+            self._offset = np.array([i.header_offset for i in zinfo], dtype=np.int64)
+            self._stored = np.array([i.compress_size for i in zinfo], dtype=np.int64)
+            self._size = np.array([i.file_size for i in zinfo], dtype=np.int64)
+            self._deflated = np.array([i.compress_type == zipfile.ZIP_DEFLATED for i in zinfo])
+            self._crc = np.array([i.CRC for i in zinfo], dtype=np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": -1, "_pid": -1}
+
+    def member(self, i: int) -> str:
+        return f"{self.path}/{self.names[i].decode()}"
+
+    def _zip_member(self, i: int) -> bytes:
+        if self._pid != os.getpid():
+            try:
+                self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            except OSError as err:
+                raise UserError(f"{self.path}: cannot open ({err.strerror})") from None
+        try:
+            head = os.pread(self._fd, _LOCAL_HEADER.size, int(self._offset[i]))
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack(head) if len(head) == _LOCAL_HEADER.size else (b"", 0, 0)
+            if signature != b"PK\x03\x04":
+                raise ValueError("no local file header at its offset")
+            stored = os.pread(self._fd, int(self._stored[i]), int(self._offset[i]) + _LOCAL_HEADER.size + name_len + extra_len)
+            if len(stored) != self._stored[i]:
+                raise ValueError("archive ends inside the member")
+            raw = zlib.decompressobj(-15).decompress(stored, int(self._size[i])) if self._deflated[i] else stored
+            if len(raw) != self._size[i] or zlib.crc32(raw) != self._crc[i]:
+                raise ValueError("size or CRC-32 differs from the directory's")
+        except (OSError, ValueError, zlib.error) as err:
+            raise UserError(f"{self.member(i)}: corrupt zip member ({type(err).__name__}: {str(err)[:80]})") from None
+        return raw
+
+    def decode(self, i: int) -> np.ndarray:
+        """Member i as [C, H, W]: uint8 pixels, or the stored array of a ``.npy`` member."""
+        raw = self._zip_member(i) if self.is_zip else _read_file(self.path / self.names[i].decode())
+        return _decode_array(raw, self.member(i)) if self.arrays else _decode_image(raw, self.member(i))
+
+    def close(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd, self._pid = -1, -1
+
+
+def check_budget(source: str, nbytes: int, budget_gb: float) -> None:
+    """A set held whole in memory must fit the configured budget (checked before decoding a folder)."""
+    if budget_gb and nbytes > budget_gb * 1e9:
+        raise UserError(f"data.memory_budget_gb: {source} is {nbytes / 1e9:.1f} GB decoded, above the budget of {budget_gb:g} GB; "
+                        "set data.source=stream to read it from disk")
+
+
+def load_folder(path: Path, max_images: int, budget_gb: float = 0) -> ImageData:
+    archive = Archive(path, max_images)
+    try:
         images = []
-        for name in files:
-            arr = _decode_image(read(name), f"{path}/{name}")
+        for i in range(len(archive)):
+            arr = archive.decode(i)
+            if i == 0:
+                check_budget(str(path), arr.nbytes * len(archive), budget_gb)
+            if arr.dtype != np.uint8:
+                raise UserError(f"{archive.member(i)}: {arr.dtype} arrays are latents, not images; "
+                                "latent datasets are not trained on yet (images only)")
             if images and arr.shape != images[0].shape:
-                raise UserError(f"{path}/{name}: image shape {arr.shape} differs from {images[0].shape} of {files[0]}")
+                raise UserError(f"{archive.member(i)}: image shape {arr.shape} differs from {images[0].shape} of {archive.member(0)}")
             images.append(arr)
     finally:
-        if archive is not None:
-            archive.close()
-    if not images:
-        raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return _finish(np.stack(images), labels, str(path))
+        archive.close()
+    return _finish(np.stack(images), archive.labels, str(path))
 
 
 # -- IDX ------------------------------------------------------------------------------------------
@@ -318,8 +430,9 @@ def load_digits() -> ImageData:
     return _finish(images, digits.target.astype(np.int64), "sklearn digits")
 
 
-def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0) -> ImageData:
-    """Load a whole dataset; ``max_images`` > 0 keeps the first that many."""
+def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0, budget_gb: float = 0) -> ImageData:
+    """Load a whole dataset; ``max_images`` > 0 keeps the first that many; above ``budget_gb`` (0: no
+    limit) decoded it is refused."""
     if kind == "digits":
         data = load_digits()
     else:
@@ -328,9 +441,10 @@ def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0
             raise UserError(f"data.path: {path or '(empty)'} not found; {_WHERE[kind]}")
         if not (p.is_file() or p.is_dir()):
             raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
-        loaders = {"cifar10": lambda: load_cifar10(p, split), "folder": lambda: load_folder(p, max_images), "idx": lambda: load_idx(p), "npz": lambda: load_npz(p)}
+        loaders = {"cifar10": lambda: load_cifar10(p, split), "folder": lambda: load_folder(p, max_images, budget_gb), "idx": lambda: load_idx(p), "npz": lambda: load_npz(p)}
         data = loaders[kind]()
     if max_images and data.images.shape[0] > max_images:
         data.images = data.images[:max_images]
         data.labels = None if data.labels is None else data.labels[:max_images]
+    check_budget(data.source, data.images.numel(), budget_gb)
     return data

@@ -1,0 +1,192 @@
+"""Streaming source: worker processes read and decode the step's batch from disk while the device trains.
+
+For sets that do not fit in device memory (ImageNet 64x64: 1.28M images; EDM2 latents: ~170 GB). The
+host holds the index (member names and labels) and a few batches in flight, whatever the set's size.
+
+    index      fastratio.data.formats.Archive over an image folder or a dataset_tool zip
+    order      fastratio.data.order: step s of rank k reads its rows of global positions [sB, (s+1)B)
+    workers    a torch DataLoader with ``data.workers`` processes, ``data.prefetch`` batches each,
+               pinned host memory on CUDA; members are decoded in the workers
+    device     ``advance()`` (host side, before each step) copies the next batch into fixed device
+               buffers with non-blocking copies; the step reads those buffers. A captured CUDA graph
+               reads the same buffers, so ``step.mode=graph`` replays over fresh data with the
+               augmentation and noise still drawn inside the graph.
+
+The position (global samples consumed) is saved with every checkpoint; a resumed run rebuilds the
+loader there and reads exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..shard import Shard
+from .formats import Archive
+from .order import EpochOrder, ShardedBatches
+
+_REFERENCE_SEED = 12345  # the fixed subset evaluation compares against
+
+
+class _Members(torch.utils.data.Dataset):
+    """Member i as (array, label, note), decoded in a worker. A member that cannot be read comes back
+    as zeros with the problem in ``note`` (or, with ``skip``, as the next readable member with the
+    problem noted): an error raised inside a worker would reach the trainer as a wrapped traceback."""
+
+    def __init__(self, archive: Archive, shape: tuple[int, ...], dtype: np.dtype, skip: bool):
+        self.archive, self.shape, self.dtype, self.skip = archive, shape, dtype, skip
+        self.labels = archive.labels
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+    def _decode(self, i: int) -> np.ndarray:
+        arr = self.archive.decode(i)
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise UserError(f"{self.archive.member(i)}: {arr.dtype} {arr.shape} differs from the dataset's {self.dtype} {self.shape}")
+        return arr
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        note = ""
+        for j in range(len(self.archive) if self.skip else 1):
+            k = (i + j) % len(self.archive)
+            try:
+                arr = self._decode(k)
+            except UserError as err:
+                note = note or str(err)
+                continue
+            return torch.from_numpy(np.array(arr)), int(self.labels[k]) if self.labels is not None else 0, note
+        return torch.from_numpy(np.zeros(self.shape, self.dtype)), 0, note or "no readable member"
+
+
+# torch's messages: "DataLoader worker (pid 12) is killed by signal: Killed.", "DataLoader worker
+# (pid(s) 12, 13) exited unexpectedly", "DataLoader worker (pid 12) exited unexpectedly with exit code 1"
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (?:is killed by signal: (.*)|exited unexpectedly.*)", re.S)
+
+
+def loader_failure(err: BaseException) -> UserError | None:
+    """One line for a DataLoader failure torch raises as a RuntimeError: a worker killed (say by the
+    OOM killer) or gone, or no batch within data.timeout_s."""
+    text = str(err)
+    died = _WORKER_DIED.search(text)
+    if died:
+        how = f"killed by {died.group(2).strip().rstrip('.')}" if died.group(2) else "exited unexpectedly"
+        pids = died.group(1).strip()
+        return UserError(f"data.workers: loader worker ({f'pid {pids}' if pids else 'pid unknown'}) {how}; the run stopped at its last "
+                         "checkpoint (out of host memory? lower data.workers or data.prefetch)")
+    if "DataLoader timed out" in text:
+        return UserError(f"data.timeout_s: no batch from the loader workers in {text.split('after')[-1].strip().rstrip('.')} "
+                         "(a hung or slow filesystem?); the run stopped at its last checkpoint")
+    return None
+
+
+def _iterate(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` without torch's SIGCHLD handler. That handler raises a worker's death as a
+    RuntimeError in whatever the main thread is doing when the signal lands (writing a checkpoint,
+    replaying a CUDA graph, pytest's own reporting); without it the iterator's liveness check reports
+    the same death at the next batch (within torch's 5 s status interval), where ``_next`` turns it
+    into one line. The handler that was there before is put back."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGCHLD) if threading.current_thread() is threading.main_thread() else None
+    batches = iter(loader)
+    if previous is not None:
+        signal.signal(signal.SIGCHLD, previous)
+    return batches
+
+
+class StreamSource:
+    def __init__(self, path: str, *, max_items: int, global_batch: int, shard: Shard, seed: int, device: torch.device,
+                 conditional: bool, workers: int, prefetch: int, timeout_s: float, skip_corrupt: bool):
+        self.archive = Archive(Path(path).expanduser(), max_items)
+        first = self.archive.decode(0)
+        self.shape, self.dtype = tuple(first.shape), first.dtype
+        if conditional and self.archive.labels is None:
+            raise UserError(f"data.conditional: {path} has no labels (dataset.json 'labels' is missing or null)")
+        self.num_classes = int(self.archive.labels.max()) + 1 if conditional else 0
+        self.global_batch, self.shard, self.device = global_batch, shard, device
+        self.workers, self.prefetch, self.timeout_s, self.skip_corrupt = workers, prefetch, timeout_s, skip_corrupt
+        self.order = EpochOrder(len(self.archive), seed)
+        self.position = 0  # global samples consumed by completed advance() calls
+        self.skipped = 0
+        local = global_batch // shard.world
+        self.images = torch.zeros((local, *self.shape), dtype=torch.from_numpy(np.zeros(0, first.dtype)).dtype, device=device)
+        self.labels = torch.zeros(local, dtype=torch.int64, device=device) if conditional else None
+        self._batches = None
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+    def _loader(self, batch_sampler, workers: int, persistent: bool) -> torch.utils.data.DataLoader:
+        members = _Members(self.archive, self.shape, self.dtype, self.skip_corrupt)
+        return torch.utils.data.DataLoader(
+            members, batch_sampler=batch_sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=self.prefetch if workers else None, persistent_workers=persistent and workers > 0,
+            timeout=self.timeout_s if workers else 0,
+        )
+
+    def _next(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            images, labels, notes = next(batches)
+        except RuntimeError as err:
+            failure = loader_failure(err)
+            if failure is None:
+                raise
+            raise failure from None
+        except (EOFError, ConnectionError) as err:  # a worker died while handing over a batch's shared memory
+            time.sleep(0.5)  # let it be reaped, to name it
+            dead = [str(w.pid) for w in getattr(batches, "_workers", []) if not w.is_alive()]
+            raise loader_failure(RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead)}) exited unexpectedly")) from None
+        problems = [n for n in notes if n]
+        if problems and not self.skip_corrupt:
+            raise UserError(f"{problems[0]} (set data.skip_corrupt=true to skip unreadable members)")
+        if problems:
+            if not self.skipped:
+                print(f"data.skip_corrupt: skipping {problems[0]}; later skips are counted in the checkpoint's data state")
+            self.skipped += len(problems)
+        return images, labels
+
+    def advance(self) -> None:
+        """Copy the next global batch's rows for this rank into the device buffers (host side, before the step)."""
+        if self._batches is None:
+            sampler = ShardedBatches(self.order, self.global_batch, self.shard, self.position)
+            self._batches = _iterate(self._loader(sampler, self.workers, persistent=True))
+        images, labels = self._next(self._batches)
+        self.images.copy_(images, non_blocking=True)
+        if self.labels is not None:
+            self.labels.copy_(labels, non_blocking=True)
+        self.position += self.global_batch
+
+    def draw(self, n: int, rng: torch.Generator, shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's rows of the current step's global batch: the device buffers ``advance`` fills
+        (the order, not ``rng``, decides which)."""
+        if n != self.global_batch or shard != self.shard:
+            raise ValueError(f"the stream reads global batches of {self.global_batch} for {self.shard}, not {n} for {shard}")
+        return self.images, self.labels
+
+    def reference(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A fixed random subset of ``count`` members (uint8 on the host) to evaluate against; the same
+        subset for every run over this set, read once through the workers."""
+        count = min(count, len(self.archive))
+        items = EpochOrder(len(self.archive), _REFERENCE_SEED).items(0, count)
+        chunk = max(1, min(256, count))
+        batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], self.workers, persistent=False))
+        images, labels = zip(*(self._next(batches) for _ in range(0, count, chunk)), strict=True)
+        return torch.cat(images), torch.cat(labels) if self.archive.labels is not None else None
+
+    def state(self) -> dict:
+        return {"position": self.position, "size": len(self.archive), "skipped": self.skipped}
+
+    def load_state(self, state: dict, source: str) -> None:
+        if not isinstance(state, dict) or "position" not in state:
+            raise UserError(f"{source}: the checkpoint has no streaming position (written by a data.source=memory run?)")
+        if state["size"] != len(self.archive):
+            raise UserError(f"{source}: the checkpoint read a set of {state['size']} members, data.path has {len(self.archive)}; "
+                            "its order cannot be continued")
+        self.position, self.skipped, self._batches = int(state["position"]), int(state.get("skipped", 0)), None
