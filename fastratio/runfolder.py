@@ -1,8 +1,10 @@
 """The run folder: one writer at a time, nothing lost, nothing written through a link.
 
-- **Lock.** A run holds an exclusive ``fcntl.flock`` on ``<run>/.lock`` for its whole life; the
-  kernel releases it when the process dies, however it dies. A second run on the same folder stops
-  with one line naming the holder (pid, host, start time).
+- **Lock.** A run holds an exclusive POSIX record lock (``fcntl.lockf``) on ``<run>/.lock`` for its
+  whole life; the kernel releases it when the process dies, however it dies. Forked children (data
+  loader workers) do not inherit it, unlike an ``flock``: a run killed with SIGKILL frees its folder
+  at once, not when its orphaned workers notice and exit. A second run on the same folder stops with
+  one line naming the holder (pid, host, start time).
 - **Stale temporary files.** Atomic writes go through ``<name>.<random>.tmp`` files
   (``fastratio.checkpoint.atomic_write``); a run killed mid-write leaves one behind (hundreds of MB for
   a CIFAR-10 checkpoint). Once the lock is held, no live writer can own them, so they are removed.
@@ -50,8 +52,8 @@ class RunFolder:
         except OSError as err:
             raise os_error(f"run.out_dir: cannot use {self.path}", err) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by platform
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise UserError(f"run.out_dir: {self.path} is in use by {holder}; wait for that run or choose another folder") from None

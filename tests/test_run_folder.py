@@ -1,4 +1,4 @@
-"""The run folder loses nothing and writes nowhere else: one run at a time (flock), validation before
+"""The run folder loses nothing and writes nowhere else: one run at a time (a POSIX lock), validation before
 any write, atomic writes that replace symlinks, pruning and resumes that never delete newer work,
 corrupt checkpoints found by CRC, stale temp files cleaned, a partial metrics line tolerated."""
 

@@ -221,3 +221,66 @@ def test_streaming_host_memory_does_not_grow_with_the_set(tmp_path):
     assert large[0] - small[0] < 18 and abs(large[1] - small[1]) < 4, (small, large)
     held_small, held_large = (_peak_rss_mb(paths[n], "memory")[0] for n in (2000, 20000))
     assert held_large - held_small > 55  # the same sets held in memory (>= 3 KB a member): the test can tell
+
+
+# -- training runs that stream --------------------------------------------------------------------
+# A tiny stage-1 run (the teacher reads real data every step) over EDM's zip: 12 images, batch 4, so
+# epochs wrap every 3 steps. No dropout, so two ranks compute what one process does.
+STREAM_RUN = [
+    "run.progress=false", "run.log_every=1", "run.eval_every=1000", "run.plot_every=0", "run.ckpt_every=10",
+    "run.precision=fp32", "run.device=cpu", "run.kernels=torch", "data.kind=folder", f"data.path={FIX / 'cond-rgb16.zip'}",
+    "data.source=stream", "data.workers=1", "data.conditional=true", "model.channels=8", "model.channel_mult=[1,2]",
+    "model.num_blocks=1", "model.attn_resolutions=[]", "model.dropout=0", "model.augment_dim=0", "augment.p=0",
+    "optim.batch_size=4", "teacher.sample_steps=2", "data.eval_samples=8",
+]
+
+
+def _train_cmd(out: Path, steps: int, *extra: str, nproc: int = 1) -> list[str]:
+    sets = [arg for kv in [*STREAM_RUN, f"run.out_dir={out}", f"run.steps={steps}"] for arg in ("--set", kv)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*launcher, "-m", "fastratio.train", "configs/cifar10_teacher.yaml", *sets, *extra]
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    return {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(run / "metrics.jsonl")}
+
+
+def test_sigkill_resume_with_streaming_reads_the_uninterrupted_batches(tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, 60), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, 60), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not checkpoint.checkpoint_path(run, 20).exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = checkpoint.load(checkpoint.list_checkpoints(run)[-1])
+    assert saved["data"]["position"] == 4 * saved["step"] < 4 * 60
+    subprocess.run(_train_cmd(run, 60, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert _rows(run) == _rows(straight)  # every step's loss, before and after the kill
+    # The data order matters to the losses: a run that restarts its order at 0 reads other batches.
+    restarted = tmp_path / "restarted"
+    subprocess.run(_train_cmd(restarted, 20), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    state = checkpoint.load(checkpoint.list_checkpoints(restarted)[-1])
+    state["data"]["position"] = 0
+    checkpoint.save(state, checkpoint.checkpoint_path(restarted, 20))
+    subprocess.run(_train_cmd(restarted, 30, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert _rows(restarted)[21]["teacher_loss"] != _rows(straight)[21]["teacher_loss"]
+
+
+def test_two_gloo_ranks_streaming_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, n in ((one, 1), (two, 2)):
+        proc = subprocess.run(_train_cmd(out, 4, nproc=n), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert sorted(rows_two) == [1, 2, 3, 4]
+    for step, row in rows_one.items():
+        for key, value in row.items():
+            assert rows_two[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    sa, sb = (checkpoint.load(checkpoint.list_checkpoints(r)[-1]) for r in (one, two))
+    assert sa["data"] == sb["data"] == {"position": 16, "size": 12, "skipped": 0}
+    for key, value in sa["nets"]["teacher"].items():
+        torch.testing.assert_close(sb["nets"]["teacher"][key], value, rtol=1e-4, atol=1e-6)
