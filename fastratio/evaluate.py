@@ -4,8 +4,9 @@
 
 Generates ``--n`` images from the checkpoint's EMA network (one generator step; Heun for a teacher
 checkpoint) per seed and per N, and compares them with the training set of the checkpoint's config
-(or ``--data-kind/--data-path``). FID is reported per seed, and as EDM does, its minimum and mean
-over seeds. ``--best-of`` N > 1 keeps, of N one-step candidates per image, the one the run's ratio
+(or ``--data-kind/--data-path``); a run that streamed its data is compared with a fixed random
+subset of ``--real-n`` images of it (default max(--n, 50000)), read by loader workers. FID is reported
+per seed, and as EDM does, its minimum and mean over seeds. ``--best-of`` N > 1 keeps, of N one-step candidates per image, the one the run's ratio
 network scores most real (fastratio.verifier), so one run gives the FID-vs-N curve (PNG report).
 Offline: ``--inception`` is torch-fidelity's ``feature_extractor_weights_path`` (make one with
 ``python -m fastratio.tools.convert_inception``); without it torch-fidelity downloads its weights.
@@ -22,12 +23,14 @@ import torch
 from tqdm import tqdm
 
 from .data.formats import DATASET_KINDS, load_dataset
+from .data.stream import StreamSource
 from .atomic import atomic_write
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, default_weights, private_cache_dir
 from .runinfo import environment
 from .sample import load_model, load_verifier, sample
+from .shard import SINGLE
 from .train import resolve_device
 
 
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
     parser.add_argument("--data-kind", choices=DATASET_KINDS, help="override the checkpoint config's data.kind")
     parser.add_argument("--data-path", help="override the checkpoint config's data.path")
+    parser.add_argument("--real-n", type=int, default=0,
+                        help="a run that streamed its data: compare with this fixed random subset of it (default max(--n, 50000)); "
+                             "other runs compare with the whole set")
     parser.add_argument("--inception", help="torch-fidelity Inception weights (.pth) for offline use")
     parser.add_argument("--feature-extractor", default="inception-v3-compat", help="a torch-fidelity feature extractor name")
     parser.add_argument("--prc", action="store_true", help="also precision/recall (on the same features)")
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if args.real_n < 0:
+        raise UserError(f"--real-n: must be >= 0 (0: the default subset), got {args.real_n}")
     if args.n <= 1 or args.seeds < 1 or min(args.best_of) < 1 or args.batch < 1 or args.steps < 1:
         raise UserError(f"--n must be > 1, --seeds, --best-of, --batch and --steps >= 1 (got --n {args.n}, --seeds {args.seeds}, "
                         f"--best-of {min(args.best_of)}, --batch {args.batch}, --steps {args.steps})")
@@ -134,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     kind, path = args.data_kind or data_cfg.get("kind"), args.data_path or data_cfg.get("path")
     if not kind or not path:
         raise UserError(f"{args.checkpoint}: no run config to take the real images from; give --data-kind and --data-path")
-    real = load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
+    if data_cfg.get("source") == "stream" and kind == "folder":  # too large to load whole: a fixed subset, read by workers
+        source = StreamSource(path, max_items=data_cfg.get("max_images", 0), global_batch=1, shard=SINGLE, seed=0, device=torch.device("cpu"),
+                              conditional=False, workers=data_cfg.get("workers", 4), prefetch=2, timeout_s=600, skip_corrupt=False)
+        real = source.reference(args.real_n or max(args.n, 50000))[0]
+    else:
+        real = load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
     out = args.out or args.checkpoint.with_name("metrics-eval.jsonl")
     env = environment(device)
     rows = []

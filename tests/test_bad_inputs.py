@@ -22,6 +22,7 @@ import torch
 from testkit import idx_bytes, png_bytes
 
 from fastratio import checkpoint
+from fastratio.data.write import write_dataset_zip
 from fastratio.errors import run_cli
 from fastratio.sample import main as sample_main
 from fastratio.train import main as train_main
@@ -133,6 +134,14 @@ def _broken_files(d, out, rng):
     (d / "bomb_png" / "a.png").write_bytes(_png_claiming(100_000, 100_000))
     (d / "corrupt_png").mkdir()
     (d / "corrupt_png" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    # Streaming: dataset_tool-layout zips; one member of six has a flipped byte (found mid-run by a worker).
+    grey = rng.integers(0, 256, size=(6, 1, 28, 28), dtype=np.uint8)
+    write_dataset_zip(d / "stream_nolabels.zip", grey)
+    stream_bad = bytearray(write_dataset_zip(d / "stream_corrupt.zip", grey, [0, 1, 2, 0, 1, 2]).read_bytes())
+    member = stream_bad.find(b"00000/img00000003.png") + len("00000/img00000003.png") + 60
+    stream_bad[member] ^= 0xFF
+    (d / "stream_corrupt.zip").write_bytes(bytes(stream_bad))
+    write_dataset_zip(d / "latents.zip", rng.standard_normal((4, 1, 28, 28)).astype(np.float32))
     (d / "rank200-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 200]) + b"\x00\x00\x00\x01" * 200)
     (d / "overflow-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3 + b"\x00" * 64)
     good = gzip.compress(idx_bytes(rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)))
@@ -285,6 +294,12 @@ CASES += [
     ("empty npz file", lambda f: _image(f, "npz", f["dir"] / "empty.npz"), {}, "empty.npz: not a readable .npz"),
     ("npz without images", lambda f: _image(f, "npz", f["dir"] / "noimages.npz"), {}, "noimages.npz: no 'images' array"),
     ("npz header of 10^12 elements", lambda f: _image(f, "npz", f["dir"] / "hugeheader.npz"), {}, "hugeheader.npz: images header says \\(1000000000000,\\)"),
+    ("stream of an npz", lambda f: _image(f, "npz", f["dir"] / "rgb16.npz", "data.source=stream"), {}, "data.source: 'stream' reads image folders"),
+    ("streamed member corrupt mid-run", lambda f: _image(f, "folder", f["dir"] / "stream_corrupt.zip", "data.source=stream", "data.workers=1", "data.conditional=true", "optim.batch_size=6"), {},
+     r"stream_corrupt.zip/00000/img00000003.png: corrupt zip member .*set data.skip_corrupt=true"),
+    ("conditional stream without labels", lambda f: _image(f, "folder", f["dir"] / "stream_nolabels.zip", "data.source=stream", "data.conditional=true"), {}, "data.conditional: .*stream_nolabels.zip has no labels"),
+    ("folder above the memory budget", lambda f: _image(f, "folder", f["dir"] / "stream_nolabels.zip", "data.memory_budget_gb=0.000001"), {}, "data.memory_budget_gb: .*above the budget .*data.source=stream"),
+    ("latent zip as images", lambda f: _image(f, "folder", f["dir"] / "latents.zip", "data.source=stream"), {}, "latents.zip holds torch.float32 arrays \\(latents\\)"),
     ("malicious CIFAR batch", lambda f: _image(f, "cifar10", f["dir"] / "evil-cifar.tar.gz"), {}, r"data_batch_1: refusing to load global (posix|os)\.system"),
     # checkpoints
     ("resume of a bare tensor", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + _D(f, "r1")), "--resume", _D(f, "bare-tensor.pt")], {}, "--resume: cannot read checkpoint .*bare-tensor.pt"),

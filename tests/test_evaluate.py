@@ -174,3 +174,24 @@ def test_torch_fidelitys_own_cached_weights_are_checked_too(tmp_path, monkeypatc
     with pytest.raises(UserError, match="cached Inception weights: .* is not a weights file readable as data"):
         default_weights()
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_a_streamed_run_evaluates_against_a_fixed_subset_read_by_workers(stage2, tmp_path):
+    from fastratio.data.write import write_dataset_zip
+    from fastratio.runlog import read_jsonl
+
+    _ckpt, teacher = stage2
+    data = load_dataset("idx", checkpoint.load(teacher)["config"]["data"]["path"])
+    archive = write_dataset_zip(tmp_path / "data.zip", data.images.numpy(), None if data.labels is None else data.labels.tolist())
+    run = tmp_path / "run"
+    sets = ["run.progress=false", "run.steps=2", "run.plot_every=0", "run.eval_every=2", "run.log_every=2", "data.eval_samples=4",
+            "optim.batch_size=4", "data.kind=folder", "data.source=stream", "data.workers=1", f"data.path={archive}",
+            f"teacher.checkpoint={teacher}", f"run.out_dir={run}", "eval.fid_samples=16", f"eval.feature_extractor={TINY_NAME}"]
+    assert train_main([str(ROOT / "configs" / "fashion_mnist.yaml"), *[a for kv in sets for a in ("--set", kv)]]) == 0
+    (row,) = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_fid" in r]
+    assert row["eval_fid"] >= 0
+    out = tmp_path / "eval.jsonl"
+    assert evaluate_main([str(run / "ckpt-000000002.pt"), "--n", "12", "--batch", "12", "--real-n", "10", "--feature-extractor", TINY_NAME,
+                          "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    (evaluated,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert evaluated["real_images"] == 10 and evaluated["fid"] >= 0

@@ -112,6 +112,17 @@ def test_stream_batches_are_the_order_s_members_with_their_labels():
     assert source.state() == {"position": 20, "size": 12, "skipped": 0}
 
 
+def test_the_step_reads_fixed_buffers_that_advance_refills_in_place():
+    # What a captured CUDA graph needs (step.mode=graph): the same device memory every step, new content.
+    source = _source(FIX / "cond-rgb16.zip", batch=4, conditional=True)
+    source.advance()
+    images, labels = source.draw(4, None, SINGLE)
+    pointers, first = (images.data_ptr(), labels.data_ptr()), images.clone()
+    source.advance()
+    again, labels_again = source.draw(4, None, SINGLE)
+    assert (again.data_ptr(), labels_again.data_ptr()) == pointers and not torch.equal(again, first)
+
+
 def test_two_rank_sources_together_read_the_one_process_batches():
     one = _take(_source(FIX / "cond-rgb16.zip", batch=4, workers=2), 5)
     ranks = [_take(_source(FIX / "cond-rgb16.zip", batch=4, shard=Shard(k, 2), workers=1), 5) for k in range(2)]
