@@ -70,7 +70,7 @@ def test_npy_latent_members_read_as_stored_arrays(tmp_path):
     latents = np.random.default_rng(0).standard_normal((5, 8, 4, 4)).astype(np.float32)
     path = write_dataset_zip(tmp_path / "latents.zip", latents, [0, 1, 0, 1, 1])
     archive = Archive(path)
-    assert archive.names[0].decode() == "00000/img00000000.npy"
+    assert archive.names[0].decode() == "00000/img-mean-std-00000000.npy"  # EDM2 dataset_tool.py encode's name
     assert np.array_equal(np.stack([archive.decode(i) for i in range(5)]), latents)
     with zipfile.ZipFile(tmp_path / "pickled.zip", "w") as z:  # an object array needs pickle: refused, never loaded
         import io
