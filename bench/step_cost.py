@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from step_time import SIZES, _config
 
 from fastratio.draws import Draws
-from fastratio.networks.unet import build_denoiser
+from fastratio.networks.denoisers import build_denoiser
 from fastratio.runinfo import environment
 from fastratio.runner import StepRunner
 from fastratio.shard import SINGLE

@@ -1,6 +1,9 @@
-"""Load NVlabs/edm snapshots (``network-snapshot-*.pkl``, the released ``edm-*.pkl``) without running their code.
+"""Load NVlabs/edm and NVlabs/edm2 snapshots (``network-snapshot-*.pkl``, the released ``edm-*.pkl`` and
+``edm2-*.pkl``, EDM2's post-hoc EMA pickles) without running their code.
 
-EDM's training loop pickles ``dict(ema=net, loss_fn=..., augment_pipe=..., dataset_kwargs=...)``.
+EDM's training loop pickles ``dict(ema=net, loss_fn=..., augment_pipe=..., dataset_kwargs=...)``;
+EDM2's ``dict(ema=net (fp16), loss_fn=..., encoder=..., dataset_kwargs=...)``, and its
+``reconstruct_phema.py`` writes the same layout.
 Each EDM class (``torch_utils.persistence``) is stored as a call ``_reconstruct_persistent_obj(meta)``
 whose ``meta`` holds the class name, the *source code of its whole module* (which EDM's loader
 exec()s) and the object's ``__dict__`` (``_parameters``, ``_buffers``, ``_modules``, ``_init_kwargs``).
@@ -14,8 +17,9 @@ stays a string, storages are read by ``torch.load(weights_only=True)``, and ever
 refused. The record tree is then checked (types, depth, cycles, sizes) and becomes constructor
 kwargs plus a flat state_dict that ``fastratio.networks.unet`` loads strictly. Supported:
 ``EDMPrecond`` over DDPM++/NCSN++ (``SongUNet``) or ADM (``DhariwalUNet``), which covers every
-released ``edm-*`` network, and the ``VPPrecond``/``VEPrecond`` baselines. ``iDDPMPrecond`` (learned
-variance, discrete noise levels) is refused by name.
+released ``edm-*`` network, the ``VPPrecond``/``VEPrecond`` baselines, and EDM2's ``Precond`` over its
+magnitude-preserving ``UNet`` (every ``edm2-img512-*``/``edm2-img64-*`` network; fp16 weights load
+into fp32). ``iDDPMPrecond`` (learned variance, discrete noise levels) is refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from . import safe_pickle
 from .errors import UserError
-from .networks.unet import PRECONDS, Precond, build_denoiser
+from .networks.denoisers import PRECONDS, build_denoiser
 
 _MAX_DEPTH = 64  # module nesting and kwargs nesting; EDM's deepest is about 5
 _CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
@@ -133,8 +137,18 @@ def _describe_keys(data: dict) -> str:
     return ", ".join(repr(k)[:40] for k in list(data)[:8]) + (" ..." if len(data) > 8 else "")
 
 
+def _precond_name(net: PersistentRecord) -> str:
+    """fastratio's name for the pickled class: EDM's class names as they are; EDM2's ``Precond`` (a
+    name EDM does not use) over a ``UNet`` record is ``EDM2Precond``."""
+    unet = (net.state.get("_modules") or {}).get("unet") if type(net.state) is dict else None
+    if net.class_name == "Precond" and isinstance(unet, PersistentRecord) and unet.class_name == "UNet":
+        return "EDM2Precond"
+    return net.class_name
+
+
 def read_edm_pickle(path: str | Path, key: str = "ema") -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(class name, constructor kwargs, state_dict) of ``data[key]`` in an EDM pickle; runs no code."""
+    """(class name, constructor kwargs, state_dict) of ``data[key]`` in an EDM or EDM2 pickle; runs no
+    code. The class name is fastratio's (``EDM2Precond`` for EDM2's ``Precond``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher.checkpoint: {path} not found")
@@ -157,17 +171,17 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> tuple[str, dict, dict
     kwargs = net.state.get("_init_kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise UserError(f"{path}: {net.class_name}._init_kwargs is not a dict of names")
-    return net.class_name, _plain(kwargs, path), _collect(net, path)
+    return _precond_name(net), _plain(kwargs, path), _collect(net, path)
 
 
-def load_edm_denoiser(path: str | Path, key: str = "ema") -> Precond:
-    """The denoiser of an EDM pickle with every tensor loaded (strict), in eval mode and frozen.
-    ``init_kwargs`` holds its constructor kwargs (with ``precond`` for the VP/VE baselines), which
-    fastratio checkpoints store as ``network_kwargs``."""
+def load_edm_denoiser(path: str | Path, key: str = "ema") -> torch.nn.Module:
+    """The denoiser of an EDM or EDM2 pickle with every tensor loaded (strict, as fp32), in eval mode
+    and frozen. ``init_kwargs`` holds its constructor kwargs (with ``precond`` unless EDMPrecond),
+    which fastratio checkpoints store as ``network_kwargs``."""
     path = Path(path)
     class_name, kwargs, state = read_edm_pickle(path, key)
     if class_name not in PRECONDS:
-        raise UserError(f"{path}: the network is EDM's {class_name}; supported teachers are {', '.join(PRECONDS)}")
+        raise UserError(f"{path}: the network is EDM's {class_name}; supported teachers are {', '.join(PRECONDS)} (EDM2's Precond)")
     if class_name != "EDMPrecond":
         kwargs["precond"] = class_name
     stored = sum(t.numel() for t in state.values())
@@ -177,7 +191,7 @@ def load_edm_denoiser(path: str | Path, key: str = "ema") -> Precond:
         if implied != stored:
             raise ValueError(f"the kwargs describe {implied:,} weights, the file holds {stored:,}")
         net = build_denoiser(kwargs)
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)  # copies into the fp32 parameters (EDM2 stores fp16)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"{path}: EDM network does not fit fastratio's {class_name} ({str(err).splitlines()[0][:200]})") from None
     net.init_kwargs = kwargs

@@ -154,6 +154,13 @@ def denoiser_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: tor
     return weight_sigma * _per_sample_sum((denoised - clean) ** 2)
 
 
+def uncertainty_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """EDM2's loss with learned uncertainty u(sigma) (Karras et al. 2024, Eq. 21): per element
+    lambda(sigma) / e^u ||D - x||^2 + u, summed per sample [B]. logvar: [B, 1, 1, 1]; weight_sigma: [B]."""
+    per_element = _expand(weight_sigma, denoised) / logvar.exp() * (denoised - clean) ** 2 + logvar
+    return _per_sample_sum(per_element)
+
+
 def r1_penalty(grad_real: torch.Tensor) -> torch.Tensor:
     """R1 gradient penalty ||grad_x l(x)||^2 per real sample [B] (Mescheder et al. 2018, Eq. 9); the
     caller scales it by gamma/2 and differentiates through it (double backward)."""

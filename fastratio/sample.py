@@ -17,7 +17,8 @@ from .edm_import import load_edm_denoiser
 from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
 from .networks.image import OneStepGenerator, RatioUNet
-from .networks.unet import Precond, build_denoiser
+from .networks.denoisers import build_denoiser
+from .networks.unet import Precond
 from .sampler import heun_sample
 from .train import resolve_device
 from .verifier import DEFAULT_SIGMAS, best_of_n, realness

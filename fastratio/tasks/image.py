@@ -26,7 +26,8 @@ from ..errors import UserError
 from ..shard import SINGLE, Shard
 from ..images import save_grid, to_uint8
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
-from ..networks.unet import EDMPrecond, Precond, UNetBlock, build_denoiser
+from ..networks.denoisers import build_denoiser
+from ..networks.unet import EDMPrecond, Precond, UNetBlock
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
