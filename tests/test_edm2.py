@@ -71,3 +71,54 @@ def test_training_mode_renormalizes_weights_and_the_uncertainty_loss_is_edm2_s(f
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6)
     loss.sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters() if p.requires_grad and p.ndim)
+
+
+@pytest.mark.parametrize("method, checkpointing", [("diffratio", False), ("vsd", False), ("diffratio", True)])
+def test_stage2_from_an_edm2_pickle_trains_and_samples(tmp_path, method, checkpointing):
+    import numpy as np
+
+    from fastratio import checkpoint, config
+    from fastratio.errors import run_cli
+    from fastratio.networks.image import RatioUNet
+    from fastratio.runlog import read_jsonl
+    from fastratio.sample import main as sample_main
+    from fastratio.train import train
+
+    np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).integers(0, 256, (16, 3, 8, 8), dtype=np.uint8))
+    teacher = FIX / "edm2-rgb-uncond" / "edm2-rgb-uncond-0000008-0.070.pkl"
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml", [
+        f"run.out_dir={tmp_path / 'run'}", "data.kind=npz", f"data.path={tmp_path / 'data.npz'}", f"teacher.checkpoint={teacher}",
+        f"method.name={method}", "run.steps=2", "run.log_every=1", "run.eval_every=2", "run.plot_every=2", "run.ckpt_every=2",
+        "run.progress=false", "run.precision=fp32", "step.mode=eager", "optim.batch_size=4", "data.eval_samples=8",
+        "augment.p=0", "model.augment_dim=0", f"model.checkpointing={str(checkpointing).lower()}",
+    ])
+    run = train(cfg)
+    rows = read_jsonl(run / "metrics.jsonl")
+    loss = "ratio_loss" if method == "diffratio" else "fake_dsm_loss"
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r[loss]) and np.isfinite(r["gen_grad_norm"]) and r["gen_grad_norm"] > 0 for r in rows)
+    state = checkpoint.load(run / "ckpt-000000002.pt")
+    assert state["network_kwargs"]["precond"] == "EDM2Precond"
+    if method == "diffratio":
+        assert state["ratio_kwargs"]["model_type"] == "EDM2UNet"
+        ratio = RatioUNet(**state["ratio_kwargs"])
+        teacher_net = load_edm_denoiser(teacher)
+        assert ratio.load_encoder(teacher_net) == len(ratio.model.state_dict())  # the whole encoder half comes from the teacher
+        enc = sum(p.numel() for p in ratio.model.parameters())
+        assert enc < 0.6 * sum(p.numel() for p in teacher_net.parameters())
+        assert run_cli(sample_main, [str(run / "ckpt-000000002.pt"), "--n", "4", "--best-of", "2", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_activation_checkpointing_of_an_edm2_generator_gives_the_same_gradients():
+    from fastratio.networks.image import OneStepGenerator
+
+    teacher = FIX / "edm2-latent-cond" / "edm2-latent-cond-0000008-0.070.pkl"
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.eye(10)[[0, 4, 9]]
+    grads = []
+    for checkpointing in (False, True):
+        gen = OneStepGenerator(load_edm_denoiser(teacher).train().requires_grad_(True), 2.5, checkpointing)
+        (gen(z, labels) ** 2).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in gen.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for key, value in grads[0].items():
+        torch.testing.assert_close(grads[1][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -141,12 +142,18 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """EDM2's UNet (Fig. 21): ``enc`` and ``dec`` ModuleDicts keyed ``{res}x{res}_{conv,down,blockN,in0,in1,up}``."""
+    """EDM2's UNet (Fig. 21): ``enc`` and ``dec`` ModuleDicts keyed ``{res}x{res}_{conv,down,blockN,in0,in1,up}``.
+    ``encoder_only`` builds the embedding and the encoder alone (the ratio network's half; its names
+    are a subset of the full network's, so it loads from a teacher)."""
+
+    # Activation checkpointing (model.checkpointing, set on the generator): each block keeps only its
+    # input and recomputes its activations in the backward pass.
+    checkpointing: bool = False
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
                  channel_mult=(1, 2, 3, 4), channel_mult_noise: int | None = None, channel_mult_emb: int | None = None,
                  num_blocks: int = 3, attn_resolutions=(16, 8), label_balance: float = 0.5, concat_balance: float = 0.5,
-                 **block_kwargs):
+                 encoder_only: bool = False, **block_kwargs):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -169,6 +176,10 @@ class UNet(nn.Module):
             for idx in range(num_blocks):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
+        self.encoder_channels = cout
+        if encoder_only:
+            self.dec = None
+            return
 
         self.dec = nn.ModuleDict()
         skips = [block.out_channels for block in self.enc.values()]
@@ -184,7 +195,9 @@ class UNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
-    def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, augment_labels=None) -> torch.Tensor:
+        if augment_labels is not None:
+            raise ValueError("EDM2 networks take no augmentation labels")
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
             emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
@@ -195,24 +208,33 @@ class UNet(nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if "conv" in name else self._block(block, x, emb)
             skips.append(x)
         return skips
 
+    def _block(self, block: Block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, emb, use_reentrant=False)
+        return block(x, emb)
+
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        emb = self.embedding(noise_labels, class_labels)
+        if self.dec is None:
+            raise RuntimeError("an encoder_only UNet has no decoder: use embed() and encode()")
+        emb = self.embed(noise_labels, class_labels)
         skips = self.encode(x, emb)
         x = skips[-1]
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = self._block(block, x, emb)
         return self.out_conv(x, gain=self.out_gain)
 
 
 class Precond(nn.Module):
     """EDM2's denoiser D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma)/4) (EDM's coefficients) with
     the learned uncertainty u(sigma) of its loss (Eq. 21), returned with ``return_logvar``."""
+
+    sigma_min, sigma_max = 0.0, float("inf")  # EDM2 bounds no noise level (samplers use 0.002..80)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True, sigma_data: float = 0.5,
                  logvar_channels: int = 128, **unet_kwargs):
@@ -223,6 +245,11 @@ class Precond(nn.Module):
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    @property
+    def model(self) -> UNet:
+        """The UNet under EDM's attribute name (generator checkpointing, the ratio net's encoder copy)."""
+        return self.unet
 
     def class_labels(self, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.label_dim == 0:

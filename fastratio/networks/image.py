@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..noise import noise_coefficients
+from .edm2 import UNet as EDM2UNet
 from .unet import ARCHITECTURES, GroupNorm, Linear, Precond
 
 
@@ -49,9 +50,9 @@ class DenoiserScore(nn.Module):
 
 
 class RatioUNet(nn.Module):
-    """Ratio classifier c(x_t, sigma) -> logit [B]: the encoder half of an EDM UNet (same mapping
-    network and encoder blocks, so it can start from the teacher's) with a GroupNorm-SiLU-mean-pool
-    linear head on the bottleneck. Input preconditioning as EDM: c_in = 1/sqrt(sigma^2 + sd^2),
+    """Ratio classifier c(x_t, sigma) -> logit [B]: the encoder half of an EDM UNet, or of EDM2's
+    (``model_type="EDM2UNet"``), with the same mapping network and encoder blocks, so it can start
+    from the teacher's, and a GroupNorm-SiLU-mean-pool linear head on the bottleneck. Input preconditioning as EDM: c_in = 1/sqrt(sigma^2 + sd^2),
     c_noise = ln(sigma)/4."""
 
     def __init__(
@@ -60,10 +61,13 @@ class RatioUNet(nn.Module):
     ):
         super().__init__()
         self.sigma_data, self.schedule, self.label_dim = sigma_data, schedule, label_dim
-        self.model = ARCHITECTURES[model_type](
-            img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-            label_dim=label_dim, encoder_only=True, **model_kwargs,
-        )
+        if model_type == "EDM2UNet":  # the encoder of EDM2's magnitude-preserving UNet
+            self.model = EDM2UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, encoder_only=True, **model_kwargs)
+        else:
+            self.model = ARCHITECTURES[model_type](
+                img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                label_dim=label_dim, encoder_only=True, **model_kwargs,
+            )
         channels = self.model.encoder_channels
         self.head_norm = GroupNorm(channels)
         self.head = Linear(channels, 1, init_mode="xavier_uniform")

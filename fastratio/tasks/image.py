@@ -27,6 +27,7 @@ from ..shard import SINGLE, Shard
 from ..images import save_grid, to_uint8
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.denoisers import build_denoiser
+from ..networks.edm2 import Block as EDM2Block
 from ..networks.unet import EDMPrecond, Precond, UNetBlock
 from ..step import Networks, needs_ratio, needs_scores
 
@@ -53,7 +54,7 @@ def network_kwargs(cfg: Config, shape: tuple[int, int, int], label_dim: int) -> 
 
 # Denoiser kwargs that are not the UNet's: the ratio net takes the teacher's architecture without them.
 _PRECOND_KWARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
-                   "precond", "beta_d", "beta_min", "M", "epsilon_t")
+                   "precond", "beta_d", "beta_min", "M", "epsilon_t", "logvar_channels")
 
 
 def load_teacher(path: str, device: torch.device) -> Precond:
@@ -85,7 +86,7 @@ def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:
     for block in module.modules():
-        if isinstance(block, UNetBlock):
+        if isinstance(block, UNetBlock | EDM2Block):
             block.dropout = 0.0
     return module
 
@@ -128,6 +129,8 @@ class ImageTask:
                 f"teacher.checkpoint: teacher is for {t_kwargs['img_channels']}x{t_kwargs['img_resolution']}^2 images with "
                 f"{t_kwargs.get('label_dim', 0)} classes, data are {self.shape[0]}x{self.shape[1]}^2 with {self.num_classes}"
             )
+        if t_kwargs.get("precond") == "EDM2Precond" and cfg.augment.p > 0:
+            raise UserError("augment.p: EDM2 networks take no augmentation labels; set augment.p=0 and model.augment_dim=0")
         self.generator_kwargs = teacher.init_kwargs
         generator = _without_dropout(copy.deepcopy(teacher)).requires_grad_(True).train()
         nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init, cfg.model.checkpointing))
@@ -136,6 +139,8 @@ class ImageTask:
             # so it can start from the teacher's encoder. No dropout: the generator update differentiates
             # it and wants no extra noise.
             ratio_kwargs = {k: v for k, v in t_kwargs.items() if k not in _PRECOND_KWARGS}
+            if t_kwargs.get("precond") == "EDM2Precond":
+                ratio_kwargs["model_type"] = "EDM2UNet"
             self.ratio_kwargs = dict(
                 img_resolution=self.shape[1], img_channels=self.shape[0], label_dim=self.num_classes,
                 sigma_data=cfg.model.sigma_data, schedule=cfg.noise.schedule, **ratio_kwargs,
