@@ -1,0 +1,89 @@
+"""EDM2's latent space: Stable Diffusion VAE posteriors stored raw, scaled to the networks' latents.
+
+As EDM2 (``training/encoders.py``, ``StabilityVAEEncoder``): pixels (uint8, divided by 255) go
+through ``AutoencoderKL.encode`` to the *raw* latents stored in a dataset, the posterior mean and std
+concatenated (8 x H/8 x W/8). Training draws mean + std * eps and maps it to the *final* latents the
+networks see, x = (z - raw_mean) * final_std / raw_std + final_mean per channel (EDM2's constants
+for ``stabilityai/sd-vae-ft-mse``); decoding inverts the map, runs ``AutoencoderKL.decode`` and
+returns uint8 pixels (clamp to [0, 1], times 255).
+
+The VAE is ``diffusers.AutoencoderKL`` (``pip install -e ".[latent]"``), loaded from a local folder
+or the Hugging Face cache only (``local_files_only``: nothing is downloaded), and from safetensors
+only: a ``diffusion_pytorch_model.bin`` is a pickle, which diffusers would unpickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # EDM2's assumed statistics of sd-vae-ft-mse's raw latents
+RAW_STD = (4.17, 4.62, 3.71, 3.28)
+FINAL_MEAN, FINAL_STD = 0.0, 0.5
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+_GET_VAE = ("get it with `huggingface-cli download stabilityai/sd-vae-ft-mse --include '*.json' '*.safetensors'` "
+            "on a machine with internet and copy the folder, then give its path")
+
+
+@dataclass(frozen=True)
+class LatentScaling:
+    """The per-channel affine map raw -> final latents (EDM2's ``scale`` and ``bias``)."""
+
+    raw_mean: tuple[float, ...] = RAW_MEAN
+    raw_std: tuple[float, ...] = RAW_STD
+    final_mean: float = FINAL_MEAN
+    final_std: float = FINAL_STD
+
+    def _coefficients(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # float32 arithmetic in EDM2's order: scale = final_std / raw_std, bias = final_mean - raw_mean * scale
+        scale = torch.tensor(self.final_std, dtype=torch.float32) / torch.tensor(self.raw_std, dtype=torch.float32)
+        bias = torch.tensor(self.final_mean, dtype=torch.float32) - torch.tensor(self.raw_mean, dtype=torch.float32) * scale
+        return scale.to(like.device).reshape(1, -1, 1, 1), bias.to(like.device).reshape(1, -1, 1, 1)
+
+    def to_final(self, raw: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Final latents [B, C, h, w] from raw mean/std [B, 2C, h, w] and a standard normal draw [B, C, h, w]."""
+        mean, std = raw.to(torch.float32).chunk(2, dim=1)
+        scale, bias = self._coefficients(raw)
+        return (mean + eps * std) * scale + bias
+
+    def to_raw(self, final: torch.Tensor) -> torch.Tensor:
+        scale, bias = self._coefficients(final)
+        return (final.to(torch.float32) - bias) / scale
+
+
+def load_vae(name_or_path: str, device: torch.device):
+    """``diffusers.AutoencoderKL`` from a local folder or the Hugging Face cache, safetensors only."""
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError("data.vae: latent runs need diffusers (pip install -e \".[latent]\")") from None
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "folder" if Path(name_or_path).exists() else "name (not in the Hugging Face cache)"
+        raise UserError(f"data.vae: cannot load an AutoencoderKL from the {where} {name_or_path} "
+                        f"({str(err).splitlines()[0][:120]}); {_GET_VAE}") from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Raw latents (posterior mean and std, [B, 8, H/8, W/8] float32) of uint8 pixels [B, 3, H, W]."""
+    x = pixels.to(torch.float32) / 255
+    out = []
+    for chunk in x.split(batch):
+        dist = vae.encode(chunk)["latent_dist"]
+        out.append(torch.cat([dist.mean, dist.std], dim=1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(vae, final: torch.Tensor, scaling: LatentScaling, batch: int = 8) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] of final latents [B, 4, h, w]."""
+    raw = scaling.to_raw(final)
+    out = [vae.decode(chunk)["sample"] for chunk in raw.split(batch)]
+    return torch.cat(out).clamp(0, 1).mul(255).to(torch.uint8)
