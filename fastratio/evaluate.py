@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import statistics
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .data.formats import DATASET_KINDS, load_dataset
 from .data.stream import StreamSource
+from . import safe_pickle
 from .atomic import atomic_write
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
@@ -76,6 +79,57 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
     if prc:
         out.update(precision=metrics["precision"], recall=metrics["recall"])
     return out
+
+
+def read_reference_stats(path: str | Path, what: str = "--fid-ref") -> dict[str, np.ndarray]:
+    """FID reference statistics {mu [D], sigma [D, D]} (float64) from EDM2's ``calculate_metrics.py ref``
+    pickle (``{"fid": {"mu", "sigma"}, ...}``, read by fastratio.safe_pickle: plain arrays only) or
+    EDM's ``fid-refs/*.npz`` (``np.load(allow_pickle=False)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: {path} not found (EDM2's reference statistics, e.g. img512.pkl, or EDM's fid-refs .npz)")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                stats = {"mu": f["mu"], "sigma": f["sigma"]}
+        else:
+            with path.open("rb") as f:
+                data = safe_pickle.load(f, safe_pickle.NUMPY_HANDLERS, str(path))
+            stats = data["fid"] if isinstance(data, dict) and isinstance(data.get("fid"), dict) else None
+            if stats is None:
+                raise ValueError("no 'fid' statistics inside")
+        mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+    except (safe_pickle.UnsafePickleError, safe_pickle.MalformedPickleError) as err:
+        raise UserError(f"{what}: {path} is not reference statistics readable as data ({str(err)[:160]})") from None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"{what}: {path} is not reference statistics ({type(err).__name__}: {str(err)[:120]})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{what}: {path} holds mu {mu.shape} and sigma {sigma.shape}; expected finite [D] and [D, D]")
+    return {"mu": mu, "sigma": sigma}
+
+
+def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], *, feature_extractor: str = "inception-v3-compat",
+                          weights: str | None = None, batch: int = 200, device: torch.device | None = None) -> float:
+    """FID of uint8 images [N, C, H, W] against precomputed statistics (the paper's and EDM2's
+    ImageNet-512 protocol: 50k samples vs the training set's statistics). Features come from
+    torch-fidelity's extractor; the statistics and the distance are computed as EDM2 does (mean,
+    covariance with N - 1, trace of the matrix square root)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id, resolve_feature_layer_for_metric
+
+    kwargs = {"input1": _Images(fake.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
+              "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}
+    if weights and feature_extractor != INCEPTION:
+        raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
+    if feature_extractor == INCEPTION:
+        kwargs["feature_extractor_weights_path"] = checked_weights(weights) if weights else default_weights()
+    layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    extractor = create_feature_extractor(feature_extractor, [layer], **kwargs)
+    stats = fid_features_to_statistics(extract_featuresdict_from_input_id(1, extractor, **kwargs)[layer].double())
+    if stats["mu"].shape != reference["mu"].shape:
+        raise UserError(f"--fid-ref: the statistics are {reference['mu'].shape[0]}-dimensional, {feature_extractor} gives {stats['mu'].shape[0]}")
+    ours = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+    return float(fid_statistics_to_metric(ours, reference, False)["frechet_inception_distance"])
 
 
 def _generate(model, n: int, batch: int, seed: int, device, verifier, best_of: int, steps: int, progress: bool) -> torch.Tensor:

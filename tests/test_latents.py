@@ -74,3 +74,73 @@ def test_a_pickled_vae_is_refused_and_never_unpickled(tmp_path, vae_folder, caps
     with pytest.raises(UserError, match="not in the Hugging Face cache"):
         load_vae("nobody/no-such-vae", torch.device("cpu"))
     assert not (tmp_path / "MARKER").exists()
+
+
+
+def _register_tiny16():
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class Extractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            self.register_buffer("proj", torch.randn(48, 16, generator=torch.Generator().manual_seed(0)))
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("feat",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "feat"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            return (torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj,)
+
+    if "fastratio-tiny16" not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor("fastratio-tiny16", Extractor)
+    return "fastratio-tiny16"
+
+
+def test_fid_against_edm2_reference_statistics_read_as_data(tmp_path):
+    from fastratio.evaluate import fid_against_reference, fidelity_metrics, read_reference_stats
+
+    name = _register_tiny16()
+    images = torch.load(FIX / "ref_images.pt", weights_only=True)["images"]
+    ref = read_reference_stats(FIX / "ref-stats.pkl")  # written by EDM2's calculate_metrics code
+    feats = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1) @ torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(ref["mu"], feats.double().mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ref["sigma"], np.cov(feats.double().numpy(), rowvar=False), rtol=1e-5, atol=1e-9)
+    assert fid_against_reference(images, ref, feature_extractor=name) == pytest.approx(0, abs=1e-5)
+    shifted = (images.int() + 40).clamp(0, 255).to(torch.uint8)
+    direct = fidelity_metrics(shifted, images, feature_extractor=name)["fid"]  # torch-fidelity on both image sets
+    assert fid_against_reference(shifted, ref, feature_extractor=name) == pytest.approx(direct, rel=1e-4) and direct > 0.01
+    np.savez(tmp_path / "edm.npz", mu=ref["mu"], sigma=ref["sigma"])  # EDM's fid-refs layout
+    assert read_reference_stats(tmp_path / "edm.npz")["mu"].shape == (16,)
+
+
+def test_hostile_reference_statistics_are_refused(tmp_path):
+    import pickle
+
+    from fastratio.evaluate import read_reference_stats
+
+    class Marker:
+        def __reduce__(self):
+            return open, (str(tmp_path / "MARKER"), "w")
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"fid": {"mu": Marker(), "sigma": 0}}))
+    with pytest.raises(UserError, match="evil.pkl is not reference statistics readable as data"):
+        read_reference_stats(tmp_path / "evil.pkl")
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"fid": {"mu": np.zeros(3), "sigma": np.zeros((2, 2))}}))
+    with pytest.raises(UserError, match=r"mu \(3,\) and sigma \(2, 2\)"):
+        read_reference_stats(tmp_path / "bad.pkl")
+    assert not (tmp_path / "MARKER").exists()
