@@ -76,7 +76,6 @@ def test_a_pickled_vae_is_refused_and_never_unpickled(tmp_path, vae_folder, caps
     assert not (tmp_path / "MARKER").exists()
 
 
-
 def _register_tiny16():
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
