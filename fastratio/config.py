@@ -72,6 +72,7 @@ class DataConfig:
     prefetch: int = 4  # stream: batches each worker prepares ahead
     timeout_s: float = 600.0  # stream: a batch not ready after this many seconds stops the run (a hung filesystem; 0: wait forever)
     skip_corrupt: bool = False  # stream: an unreadable member is replaced by the next readable one and counted (false: stop, naming it)
+    vae: str = ""  # latent sets (EDM2 .npy mean/std): AutoencoderKL folder or Hugging Face cache name that decodes samples (grids, FID)
 
 
 @dataclass
@@ -148,6 +149,7 @@ class EvalConfig:
     fid_samples: int = 0  # images: in-loop FID/KID on this many samples every run.eval_every steps (0: off); best.pt keeps the best
     inception: str = ""  # torch-fidelity Inception weights (.pth, fastratio.tools.convert_inception); empty: torch-fidelity downloads them
     feature_extractor: str = "inception-v3-compat"  # torch-fidelity feature extractor
+    fid_ref: str = ""  # FID against these reference statistics (EDM2's img512.pkl, EDM's fid-refs .npz) instead of the training set
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, default_weights, private_cache_dir
 from .runinfo import environment
-from .sample import load_model, load_verifier, sample
+from .sample import latent_decoder, load_model, load_verifier, sample
 from .shard import SINGLE
 from .train import resolve_device
 
@@ -132,11 +132,13 @@ def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], 
     return float(fid_statistics_to_metric(ours, reference, False)["frechet_inception_distance"])
 
 
-def _generate(model, n: int, batch: int, seed: int, device, verifier, best_of: int, steps: int, progress: bool) -> torch.Tensor:
+def _generate(model, n: int, batch: int, seed: int, device, verifier, best_of: int, steps: int, progress: bool,
+              to_pixels=None) -> torch.Tensor:
     chunks = []
     for i, start in enumerate(tqdm(range(0, n, batch), desc=f"generate N={best_of} seed={seed}", disable=not progress, leave=False)):
         k = min(batch, n - start)
-        chunks.append(to_uint8(sample(model, k, seed * 1_000_003 + i, device, None, steps, verifier, best_of)).cpu())
+        x = sample(model, k, seed * 1_000_003 + i, device, None, steps, verifier, best_of, pixels=to_pixels is None)
+        chunks.append((to_uint8(x) if to_pixels is None else to_pixels(x)).cpu())
     return torch.cat(chunks)
 
 
@@ -162,6 +164,21 @@ def report_png(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _real_images(args, state: dict, to_pixels) -> tuple[torch.Tensor, str, str]:
+    """The real images a checkpoint is compared with: its run's data (a fixed subset when it streamed)."""
+    data_cfg = state.get("config", {}).get("data", {})  # an EDM pickle carries no config
+    kind, path = args.data_kind or data_cfg.get("kind"), args.data_path or data_cfg.get("path")
+    if not kind or not path:
+        raise UserError(f"{args.checkpoint}: no run config to take the real images from; give --data-kind and --data-path, or --fid-ref")
+    if to_pixels is not None:
+        raise UserError(f"{args.checkpoint}: a latent model's data holds no pixels; give --fid-ref (EDM2's reference statistics)")
+    if data_cfg.get("source") == "stream" and kind == "folder":  # too large to load whole: a fixed subset, read by workers
+        source = StreamSource(path, max_items=data_cfg.get("max_images", 0), global_batch=1, shard=SINGLE, seed=0, device=torch.device("cpu"),
+                              conditional=False, workers=data_cfg.get("workers", 4), prefetch=2, timeout_s=600, skip_corrupt=False)
+        return source.reference(args.real_n or max(args.n, 50000))[0], kind, path
+    return load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images, kind, path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fastratio.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -172,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
     parser.add_argument("--data-kind", choices=DATASET_KINDS, help="override the checkpoint config's data.kind")
     parser.add_argument("--data-path", help="override the checkpoint config's data.path")
+    parser.add_argument("--fid-ref", help="FID (only) against these reference statistics (EDM2's img512.pkl, EDM's fid-refs .npz) "
+                                          "instead of real images: the paper's ImageNet-512 protocol")
+    parser.add_argument("--vae", help="AutoencoderKL that decodes a latent model's samples (default: the one the run recorded)")
     parser.add_argument("--real-n", type=int, default=0,
                         help="a run that streamed its data: compare with this fixed random subset of it (default max(--n, 50000)); "
                              "other runs compare with the whole set")
@@ -192,32 +212,32 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model, state = load_model(args.checkpoint, device)
     verifier = load_verifier(state, args.checkpoint, device) if max(args.best_of) > 1 else None
-    data_cfg = state.get("config", {}).get("data", {})  # an EDM pickle carries no config
-    kind, path = args.data_kind or data_cfg.get("kind"), args.data_path or data_cfg.get("path")
-    if not kind or not path:
-        raise UserError(f"{args.checkpoint}: no run config to take the real images from; give --data-kind and --data-path")
-    if data_cfg.get("source") == "stream" and kind == "folder":  # too large to load whole: a fixed subset, read by workers
-        source = StreamSource(path, max_items=data_cfg.get("max_images", 0), global_batch=1, shard=SINGLE, seed=0, device=torch.device("cpu"),
-                              conditional=False, workers=data_cfg.get("workers", 4), prefetch=2, timeout_s=600, skip_corrupt=False)
-        real = source.reference(args.real_n or max(args.n, 50000))[0]
-    else:
-        real = load_dataset(kind, path, data_cfg.get("split", "train"), data_cfg.get("max_images", 0)).images
+    to_pixels = latent_decoder(state, args.vae, args.checkpoint, device)
+    reference = read_reference_stats(args.fid_ref) if args.fid_ref else None
+    real, kind, path = None, None, None
+    if reference is None:
+        real, kind, path = _real_images(args, state, to_pixels)
     out = args.out or args.checkpoint.with_name("metrics-eval.jsonl")
     env = environment(device)
     rows = []
     cache = private_cache_dir()
     for best_of in args.best_of:
         for seed in range(args.seeds):
-            fake = _generate(model, args.n, args.batch, seed, device, verifier, best_of, args.steps, not args.no_progress)
-            metrics = fidelity_metrics(fake, real, feature_extractor=args.feature_extractor, weights=args.inception,
-                                       batch=args.batch, device=device, prc=args.prc, cache_dir=cache, real_name="real")
+            fake = _generate(model, args.n, args.batch, seed, device, verifier, best_of, args.steps, not args.no_progress, to_pixels)
+            if reference is None:
+                metrics = fidelity_metrics(fake, real, feature_extractor=args.feature_extractor, weights=args.inception,
+                                           batch=args.batch, device=device, prc=args.prc, cache_dir=cache, real_name="real")
+                against = {"real": f"{kind}:{path}", "real_images": int(real.shape[0])}
+            else:
+                metrics = {"fid": fid_against_reference(fake, reference, feature_extractor=args.feature_extractor,
+                                                        weights=args.inception, batch=args.batch, device=device)}
+                against = {"real": f"statistics:{args.fid_ref}"}
             row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": seed,
-                   "best_of": best_of, "real": f"{kind}:{path}", "real_images": int(real.shape[0]),
-                   "feature_extractor": args.feature_extractor, **metrics}
+                   "best_of": best_of, **against, "feature_extractor": args.feature_extractor, **metrics}
             rows.append(row)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}, KID {metrics['kid']:.5f}")
+            print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}" + (f", KID {metrics['kid']:.5f}" if "kid" in metrics else ""))
         fids = [r["fid"] for r in rows if r["best_of"] == best_of]
         print(f"N={best_of}: FID min {min(fids):.3f}, mean {statistics.mean(fids):.3f} over {len(fids)} seed(s)")
     if len(args.best_of) > 1:

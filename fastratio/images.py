@@ -30,10 +30,10 @@ def grid(images: torch.Tensor, cols: int | None = None, pad: int = 1) -> np.ndar
 
 
 def save_grid(x: torch.Tensor, path: str | Path, cols: int | None = None, scale: int = 1) -> Path:
-    """Write a [-1, 1] float batch as a PNG grid (optionally enlarged ``scale`` times)."""
+    """Write a [-1, 1] float batch (or uint8 images) as a PNG grid (optionally enlarged ``scale`` times)."""
     from PIL import Image
 
-    canvas = grid(to_uint8(x), cols)
+    canvas = grid(x if x.dtype == torch.uint8 else to_uint8(x), cols)
     img = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)

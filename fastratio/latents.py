@@ -14,7 +14,6 @@ only: a ``diffusion_pytorch_model.bin`` is a pickle, which diffusers would unpic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,30 +28,29 @@ _GET_VAE = ("get it with `huggingface-cli download stabilityai/sd-vae-ft-mse --i
             "on a machine with internet and copy the folder, then give its path")
 
 
-@dataclass(frozen=True)
 class LatentScaling:
-    """The per-channel affine map raw -> final latents (EDM2's ``scale`` and ``bias``)."""
+    """The per-channel affine map raw -> final latents (EDM2's ``scale`` and ``bias``, computed in
+    float32 in EDM2's order), as tensors on one device: no host copy inside a captured step."""
 
-    raw_mean: tuple[float, ...] = RAW_MEAN
-    raw_std: tuple[float, ...] = RAW_STD
-    final_mean: float = FINAL_MEAN
-    final_std: float = FINAL_STD
-
-    def _coefficients(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # float32 arithmetic in EDM2's order: scale = final_std / raw_std, bias = final_mean - raw_mean * scale
+    def __init__(self, raw_mean=RAW_MEAN, raw_std=RAW_STD, final_mean: float = FINAL_MEAN, final_std: float = FINAL_STD,
+                 device: torch.device | str = "cpu"):
+        self.raw_mean, self.raw_std = tuple(float(v) for v in raw_mean), tuple(float(v) for v in raw_std)
+        self.final_mean, self.final_std = float(final_mean), float(final_std)
         scale = torch.tensor(self.final_std, dtype=torch.float32) / torch.tensor(self.raw_std, dtype=torch.float32)
         bias = torch.tensor(self.final_mean, dtype=torch.float32) - torch.tensor(self.raw_mean, dtype=torch.float32) * scale
-        return scale.to(like.device).reshape(1, -1, 1, 1), bias.to(like.device).reshape(1, -1, 1, 1)
+        self.scale, self.bias = scale.reshape(1, -1, 1, 1).to(device), bias.reshape(1, -1, 1, 1).to(device)
+
+    def state(self) -> dict:
+        """Plain values (saved in checkpoints; ``LatentScaling(**state)`` rebuilds it)."""
+        return {"raw_mean": list(self.raw_mean), "raw_std": list(self.raw_std), "final_mean": self.final_mean, "final_std": self.final_std}
 
     def to_final(self, raw: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Final latents [B, C, h, w] from raw mean/std [B, 2C, h, w] and a standard normal draw [B, C, h, w]."""
         mean, std = raw.to(torch.float32).chunk(2, dim=1)
-        scale, bias = self._coefficients(raw)
-        return (mean + eps * std) * scale + bias
+        return (mean + eps * std) * self.scale.to(raw.device) + self.bias.to(raw.device)
 
     def to_raw(self, final: torch.Tensor) -> torch.Tensor:
-        scale, bias = self._coefficients(final)
-        return (final.to(torch.float32) - bias) / scale
+        return (final.to(torch.float32) - self.bias.to(final.device)) / self.scale.to(final.device)
 
 
 def load_vae(name_or_path: str, device: torch.device):

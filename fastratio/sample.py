@@ -17,6 +17,7 @@ from .edm_import import load_edm_denoiser
 from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
 from .networks.image import OneStepGenerator, RatioUNet
+from .latents import LatentScaling, decode, load_vae
 from .networks.denoisers import build_denoiser
 from .networks.unet import Precond
 from .sampler import heun_sample
@@ -55,6 +56,22 @@ def load_verifier(state: dict, path: Path, device: torch.device) -> RatioUNet:
     return ratio.to(device).eval()
 
 
+def latent_decoder(state: dict, vae: str | None, path: Path, device: torch.device):
+    """``final latents -> uint8 pixels`` for a latent run's checkpoint (or any checkpoint given
+    ``--vae``, with EDM2's scaling); None for a pixel model."""
+    latent = state.get("latent")
+    if latent is None and not vae:
+        return None
+    if latent is not None and not isinstance(latent, dict):
+        raise UserError(f"{path}: 'latent' is not a dict")
+    scaling = LatentScaling(**{k: v for k, v in (latent or {}).items() if k != "vae"})
+    name = vae or (latent or {}).get("vae")
+    if not name:
+        raise UserError(f"{path}: a latent model; give --vae (the AutoencoderKL its run trained with)")
+    decoder = load_vae(name, device)
+    return lambda x: decode(decoder, x, scaling)
+
+
 def latent_sampler(denoiser: Precond, device: torch.device, class_index: int | None):
     """sample_latent(k, rng) -> (z, one-hot labels or None) for the denoiser's image shape."""
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
@@ -74,8 +91,14 @@ def latent_sampler(denoiser: Precond, device: torch.device, class_index: int | N
 
 @torch.no_grad()
 def sample(model, n: int, seed: int, device: torch.device, class_index: int | None, steps: int,
-           verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS) -> torch.Tensor:
-    """n images in [-1, 1]: Heun for a teacher, one step for a generator, best of ``best_of`` with a verifier."""
+           verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, pixels: bool = True) -> torch.Tensor:
+    """n samples: Heun for a teacher, one step for a generator, best of ``best_of`` with a verifier.
+    Pixels are clamped to [-1, 1]; latents (``pixels=False``) are returned as the network made them."""
+    out = _sample(model, n, seed, device, class_index, steps, verifier, best_of, sigmas)
+    return out.clamp(-1, 1) if pixels else out
+
+
+def _sample(model, n, seed, device, class_index, steps, verifier, best_of, sigmas) -> torch.Tensor:
     denoiser = model.denoiser if isinstance(model, OneStepGenerator) else model
     sample_latent = latent_sampler(denoiser, device, class_index)
     rng = torch.Generator(device).manual_seed(seed)
@@ -83,16 +106,16 @@ def sample(model, n: int, seed: int, device: torch.device, class_index: int | No
         z, labels = sample_latent(n, rng)
         # EDM's generate.py: the schedule stays inside the noise levels the network supports.
         bounds = {"sigma_min": max(0.002, float(model.sigma_min)), "sigma_max": min(80.0, float(model.sigma_max))}
-        return heun_sample(model, z, labels, steps, **bounds).clamp(-1, 1)
+        return heun_sample(model, z, labels, steps, **bounds)
     if best_of == 1:
         z, labels = sample_latent(n, rng)
-        return model(z, labels).clamp(-1, 1)
+        return model(z, labels)
 
     def score(x, labels):
         return realness(verifier, x, sigmas, labels, verifier.schedule)
 
     x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng)
-    return x.clamp(-1, 1)
+    return x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="PNG path (default: next to the checkpoint)")
     parser.add_argument("--best-of", type=int, default=1, metavar="N", help="keep the most real of N candidates per image (ratio-net verifier)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="verifier noise levels")
+    parser.add_argument("--vae", help="AutoencoderKL that decodes a latent model's samples (default: the one the run recorded)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -120,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if verifier is not None and not isinstance(model, OneStepGenerator):
         raise UserError(f"{args.checkpoint}: --best-of applies to one-step generators, this is a teacher checkpoint")
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-samples.png")
-    images = sample(model, args.n, args.seed, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas))
-    save_grid(images, out, scale=2)
+    to_pixels = latent_decoder(state, args.vae, args.checkpoint, device)
+    images = sample(model, args.n, args.seed, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas),
+                    pixels=to_pixels is None)
+    save_grid(images if to_pixels is None else to_pixels(images), out, scale=2)
     print(f"wrote {out}")
     return 0
 

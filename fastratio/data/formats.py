@@ -49,7 +49,7 @@ _WHERE = {
 
 @dataclass
 class ImageData:
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W]; float raw latents [N, 2C, h, w] for an EDM2 latent set
     labels: torch.Tensor | None  # int64 [N] in [0, num_classes), None when the source has none
     num_classes: int
     source: str
@@ -333,9 +333,8 @@ def load_folder(path: Path, max_images: int, budget_gb: float = 0) -> ImageData:
             arr = archive.decode(i)
             if i == 0:
                 check_budget(str(path), arr.nbytes * len(archive), budget_gb)
-            if arr.dtype != np.uint8:
-                raise UserError(f"{archive.member(i)}: {arr.dtype} arrays are latents, not images; "
-                                "latent datasets are not trained on yet (images only)")
+            if images and arr.dtype != images[0].dtype:
+                raise UserError(f"{archive.member(i)}: {arr.dtype} differs from {images[0].dtype} of {archive.member(0)}")
             if images and arr.shape != images[0].shape:
                 raise UserError(f"{archive.member(i)}: image shape {arr.shape} differs from {images[0].shape} of {archive.member(0)}")
             images.append(arr)

@@ -25,6 +25,7 @@ from ..edm_import import load_edm_denoiser
 from ..errors import UserError
 from ..shard import SINGLE, Shard
 from ..images import save_grid, to_uint8
+from ..latents import LatentScaling, decode, load_vae
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.denoisers import build_denoiser
 from ..networks.edm2 import Block as EDM2Block
@@ -102,18 +103,42 @@ class ImageTask:
         else:
             data = load_dataset(d.kind, d.path, d.split, d.max_images, d.memory_budget_gb)
             self.source = MemorySource(data, device, d.conditional)
-        if self.source.images.dtype != torch.uint8:
-            raise UserError(f"data.path: {d.path} holds {self.source.images.dtype} arrays (latents), not uint8 images; "
-                            "latent datasets are not trained on yet")
         self.num_classes = self.source.num_classes
+        # An EDM2 latent set: raw VAE posteriors (mean and std) the step turns into final latents.
+        self.latent = self.source.images.dtype.is_floating_point
         self.shape = self.source.shape
+        self.vae = None
+        if self.latent:
+            self.shape = self._latent_shape(d.path)
+            self.scaling = LatentScaling(device=device)
+            if cfg.run.plot_every or cfg.eval.fid_samples:  # loaded now: a missing VAE stops the run before it starts
+                self.vae = load_vae(d.vae, device) if d.vae else None
+                if self.vae is None:
+                    raise UserError("data.vae: a latent run decodes its samples for grids and FID; give the AutoencoderKL "
+                                    "(e.g. stabilityai/sd-vae-ft-mse) or set run.plot_every=0 and eval.fid_samples=0")
+            if cfg.eval.fid_samples and not cfg.eval.fid_ref:
+                raise UserError("eval.fid_ref: a latent set holds no pixels to compare with; give reference statistics "
+                                "(EDM2's img512.pkl) for in-loop FID, or set eval.fid_samples=0")
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
         self._fid_cache: str | None = None
         self._reference: torch.Tensor | None = None
+        self._fid_ref = None
         if cfg.eval.fid_samples and cfg.eval.inception:  # checked now, not at the first evaluation hours later
             from ..inception import checked_weights
 
             checked_weights(cfg.eval.inception, "eval.inception")
+        if cfg.eval.fid_samples and cfg.eval.fid_ref:
+            from ..evaluate import read_reference_stats
+
+            self._fid_ref = read_reference_stats(cfg.eval.fid_ref, "eval.fid_ref")
+
+    def _latent_shape(self, path: str) -> tuple[int, int, int]:
+        channels, height, width = self.source.shape
+        if channels % 2:
+            raise UserError(f"data.path: {path} holds float arrays of {channels} channels; EDM2 latents store mean and std (an even count)")
+        if self.cfg.augment.p > 0:
+            raise UserError("augment.p: latent sets are not augmented (EDM2 trains without); set augment.p=0")
+        return channels // 2, height, width
 
     # -- networks --------------------------------------------------------------------------------
     def build_networks(self) -> Networks:
@@ -155,10 +180,12 @@ class ImageTask:
 
     def checkpoint_extras(self) -> dict:
         """Saved with every checkpoint: how to rebuild the trained (EMA) network without the config's
-        data, for stage 2 and ``fastratio.sample``: the denoiser's kwargs (and sigma_init for a generator)."""
+        data, for stage 2 and ``fastratio.sample``: the denoiser's kwargs (and sigma_init for a
+        generator), and for a latent run the VAE and the latent scaling that turn samples into pixels."""
+        latent = {"latent": {"vae": self.cfg.data.vae, **self.scaling.state()}} if self.latent else {}
         if self.cfg.method.name == "teacher":
-            return {"network_kwargs": self.kwargs}
-        extras = {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init}
+            return {"network_kwargs": self.kwargs, **latent}
+        extras = {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init, **latent}
         if needs_ratio(self.cfg.method.name):
             extras["ratio_kwargs"] = self.ratio_kwargs  # the verifier rebuilds the ratio net from these
         return extras
@@ -171,7 +198,11 @@ class ImageTask:
 
     def sample_real(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = self.source.draw(n, rng, shard)
-        return images.float() / 127.5 - 1, self._one_hot(labels)
+        if not self.latent:
+            return images.float() / 127.5 - 1, self._one_hot(labels)
+        # EDM2: a fresh posterior draw mean + std * eps per step, eps drawn for the global batch (fastratio.shard).
+        eps = shard.take(torch.randn((n, *self.shape), generator=rng, device=self.device))
+        return self.scaling.to_final(images, eps), self._one_hot(labels)
 
     def advance(self) -> None:
         self.source.advance()
@@ -191,36 +222,54 @@ class ImageTask:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def samples(self, model: torch.nn.Module, n: int, seed: int = _EVAL_SEED) -> torch.Tensor:
-        """n images in [-1, 1] from fixed latents: one generator step, or the teacher's Heun sampler
-        (fastratio.sample.sample, as the CLI draws them from a checkpoint)."""
+        """n samples from fixed latents: one generator step, or the teacher's Heun sampler
+        (fastratio.sample.sample, as the CLI draws them from a checkpoint). Images in [-1, 1], or
+        final latents for a latent run."""
         from ..sample import sample
 
         was_training = model.training
         model.eval()
-        out = sample(model, n, seed, self.device, None, self.cfg.teacher.sample_steps)
+        out = sample(model, n, seed, self.device, None, self.cfg.teacher.sample_steps, pixels=not self.latent)
         model.train(was_training)
         return out
 
+    def pixels(self, model: torch.nn.Module, n: int, seed: int = _EVAL_SEED) -> torch.Tensor:
+        """uint8 images of ``samples`` (decoded through the VAE for a latent run)."""
+        x = self.samples(model, n, seed)
+        return decode(self.vae, x, self.scaling) if self.latent else to_uint8(x)
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Per-channel mean/std gaps to the data, and FID/KID (torch-fidelity) when eval.fid_samples > 0."""
-        fake = to_uint8(self.samples(model, min(self.cfg.data.eval_samples, 256))).float()
-        real = self._real_reference()[: fake.shape[0] * 4].float()
-        mean_gap = (fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean() / 255
-        std_gap = (fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean() / 255
-        metrics = {"pixel_mean_gap": float(mean_gap), "pixel_std_gap": float(std_gap)}
+        """Per-channel mean/std gaps to the data (pixels in [0, 1] units, or final latents), and FID/KID
+        (torch-fidelity) when eval.fid_samples > 0: against the training set, or against eval.fid_ref."""
+        n = min(self.cfg.data.eval_samples, 256)
+        if self.latent:
+            raw = self._real_reference()[: n * 4].to(self.device)
+            eps = torch.randn(raw.shape[0], *self.shape, generator=torch.Generator().manual_seed(_EVAL_SEED)).to(self.device)
+            fake, real, unit, name = self.samples(model, n).float(), self.scaling.to_final(raw, eps), 1.0, "latent"
+        else:
+            fake, real, unit, name = to_uint8(self.samples(model, n)).float(), self._real_reference()[: n * 4].float(), 255.0, "pixel"
+        mean_gap = (fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean() / unit
+        std_gap = (fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean() / unit
+        metrics = {f"{name}_mean_gap": float(mean_gap), f"{name}_std_gap": float(std_gap)}
         ev = self.cfg.eval
         if ev.fid_samples:
-            from ..evaluate import fidelity_metrics
+            from ..evaluate import fid_against_reference, fidelity_metrics, read_reference_stats
             from ..inception import private_cache_dir
 
-            chunks = [to_uint8(self.samples(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i)) for i in range(0, ev.fid_samples, 256)]
+            fake = torch.cat([self.pixels(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i) for i in range(0, ev.fid_samples, 256)])
+            if ev.fid_ref:
+                if self._fid_ref is None:
+                    self._fid_ref = read_reference_stats(ev.fid_ref, "eval.fid_ref")
+                metrics["fid"] = fid_against_reference(fake, self._fid_ref, feature_extractor=ev.feature_extractor,
+                                                       weights=ev.inception or None, device=self.device)
+                return metrics
             # The real set's features are computed once per process and cached in a private folder, never
             # in the run folder: torch-fidelity reads its cache back as a pickle.
             if self._fid_cache is None:
                 self._fid_cache = private_cache_dir()
             real = self._real_reference()
             metrics.update(fidelity_metrics(
-                torch.cat(chunks), real, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
+                fake, real, feature_extractor=ev.feature_extractor, weights=ev.inception or None,
                 device=self.device, cache_dir=self._fid_cache, real_name=f"real-{ev.feature_extractor}-{real.shape[0]}",
             ))
         return metrics
@@ -234,4 +283,5 @@ class ImageTask:
         return self._reference
 
     def plot(self, model: torch.nn.Module, path: Path) -> None:
-        save_grid(self.samples(model, _GRID), path, scale=max(1, 64 // self.shape[1]))
+        images = self.pixels(model, _GRID)
+        save_grid(images, path, scale=max(1, 64 // images.shape[-1]))
