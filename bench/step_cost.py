@@ -208,7 +208,7 @@ def count_step(size_name: str, method: str, objective: str | None, batch: int | 
                 ema, ratio_ema, averages = build_averages(nets, cfg)
                 step_cls = TeacherStep if method == "teacher" else TrainStep
                 step = step_cls(cfg, nets, opts, Draws(torch.Generator().manual_seed(0)), SINGLE, None)
-                runner = StepRunner(cfg, task, nets, step, SINGLE, torch.device("cpu"), averages)
+                runner = StepRunner(cfg, task, nets, step, SINGLE, torch.device("cpu"), averages, optimizers=opts)
                 runner()  # creates the optimizer state
                 modules = [getattr(nets, r) for r in ("generator", "ratio", "teacher", "fake_score") if getattr(nets, r) is not None]
                 modules += [e.module for e in (ema, ratio_ema) if e is not None]

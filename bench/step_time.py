@@ -124,7 +124,7 @@ def _build(cfg: config.Config, device: torch.device):
     opts = build_optimizers(nets, cfg)
     rng = torch.Generator(device).manual_seed(0)
     step = TrainStep(cfg, nets, opts, Draws(rng), SINGLE, None)
-    return nets, StepRunner(cfg, task, nets, step, SINGLE, device, build_averages(nets, cfg)[2])
+    return nets, StepRunner(cfg, task, nets, step, SINGLE, device, build_averages(nets, cfg)[2], optimizers=opts)
 
 
 def _flops(cfg, device) -> int:

@@ -31,8 +31,10 @@ SCHEDULES = ("ve", "vp")
 WEIGHTINGS = ("sigma2", "none", "edm")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3")
 DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
-ARCHS = ("mlp", "ddpmpp", "adm")
-TEACHER_LOSSES = ("edm", "vp", "ve")
+ARCHS = ("mlp", "ddpmpp", "adm", "edm2")
+TEACHER_LOSSES = ("edm", "vp", "ve", "edm2")
+EDM2_SIZES = ("", "xxs", "xs", "s", "m", "l", "xl", "xxl")
+LR_SCHEDULES = ("constant", "edm2")
 PRECISIONS = ("fp32", "bf16")
 STEP_MODES = ("eager", "compile", "graph")
 AUGMENT_DIM = 9  # EDM's augmentation-label width (its CIFAR-10 AugmentPipe: flips, scale, rotation, anisotropy, translation)
@@ -85,7 +87,8 @@ class ModelConfig:
     score_hidden: int = 181  # score-network width (VSD baseline; about half the ratio net each)
     score_depth: int = 3  # score-network hidden layers
     sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning (images: 0.5)
-    arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet)
+    arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet) | edm2 (EDM2's magnitude-preserving UNet)
+    size: str = ""  # edm2: a train_edm2.py img512 preset (xxs..xxl): sets model.channels and model.dropout (and for a teacher run optim.teacher_lr), names the released teacher in teacher.checkpoint's {release}
     channels: int = 128  # images: UNet base channels (EDM model_channels)
     channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])  # images: per-resolution channel multipliers
     num_blocks: int = 4  # images: residual blocks per resolution
@@ -111,7 +114,7 @@ class MethodConfig:
 @dataclass
 class TeacherConfig:
     checkpoint: str = ""  # images, stage 2: teacher file (a fastratio teacher run's ckpt-*.pt or an EDM *.pkl)
-    loss: str = "edm"  # images, stage 1 (method.name=teacher): EDM loss edm | vp | ve (sigma law and weight, EDM Table 1)
+    loss: str = "edm"  # images, stage 1 (method.name=teacher): EDM loss edm | vp | ve (EDM Table 1) | edm2 (EDM2 Eq. 21: learned uncertainty, ln sigma ~ N(noise.p_mean, noise.p_std^2))
     sample_steps: int = 18  # Heun sampler steps for teacher samples (EDM: 18 on CIFAR-10, 35 evaluations)
 
 
@@ -167,6 +170,10 @@ class OptimConfig:
     beta1: float = 0.0  # Adam beta1 for the two-player updates (0 as in DMD/SiD)
     beta2: float = 0.99  # Adam beta2
     grad_clip: float = 0.0  # max global grad norm per network (0: off)
+    lr_schedule: str = "constant"  # constant | edm2 (EDM2: lr / sqrt(max(nimg / (lr_ref_batches * batch), 1)), ramped up over lr_rampup_mimg)
+    lr_ref_batches: float = 70000.0  # edm2 schedule: batches before the inverse-square-root decay starts (img512: 70000, img64: 35000)
+    lr_rampup_mimg: float = 10.0  # edm2 schedule: linear warm-up, millions of images (0: none)
+    ema_std: float = 0.0  # > 0: EDM2's power-function EMA of the trained network with this relative std (e.g. 0.05) instead of the half-life
     ema_halflife_kimg: float = 20.0  # EMA half-life of the generator, thousands of images
     ema_rampup: float = 0.05  # half-life at most this fraction of images seen so far (0: off)
     ratio_ema_halflife_kimg: float = 20.0  # EMA of the ratio net, read by the best-of-N verifier (fastratio.verifier)
@@ -196,6 +203,8 @@ _CHOICES = {
     "data.split": ("train", "test"),
     "data.source": ("memory", "stream"),
     "model.arch": ARCHS,
+    "model.size": EDM2_SIZES,
+    "optim.lr_schedule": LR_SCHEDULES,
     "model.augment_dim": (0, AUGMENT_DIM),
     "teacher.loss": TEACHER_LOSSES,
     "step.mode": STEP_MODES,
@@ -212,14 +221,14 @@ _POSITIVE = (
     "model.sigma_data", "method.ratio_steps", "noise.sigma_fixed", "noise.sigma_min",
     "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
     "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
-    "data.memory_budget_gb", "data.prefetch",
+    "data.memory_budget_gb", "data.prefetch", "optim.lr_ref_batches",
 )
 _NON_NEGATIVE = (
     "run.plot_every", "run.explode_factor", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
     "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
     "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
-    "data.workers", "data.timeout_s",
+    "data.workers", "data.timeout_s", "optim.lr_rampup_mimg", "optim.ema_std",
 )
 
 
@@ -359,6 +368,14 @@ def _validate_images(cfg: Config) -> None:
             raise ConfigError(f"{key}: a probability, got {_get(cfg, key)}")
     if cfg.augment.p > 0 and cfg.model.augment_dim != AUGMENT_DIM:
         raise ConfigError(f"model.augment_dim: augment.p > 0 passes augmentation labels, set it to {AUGMENT_DIM}")
+    if (cfg.teacher.loss == "edm2") != (cfg.model.arch == "edm2") and cfg.method.name == "teacher":
+        raise ConfigError(f"teacher.loss: {cfg.teacher.loss!r} with model.arch {cfg.model.arch!r}; EDM2's loss needs EDM2's network (its uncertainty head) and the other way round")
+    if cfg.model.arch == "edm2" and (cfg.augment.p > 0 or cfg.model.augment_dim):
+        raise ConfigError("augment.p: EDM2 networks take no augmentation labels (EDM2 trains without); set augment.p=0 and model.augment_dim=0")
+    if cfg.model.size and cfg.model.arch != "edm2":
+        raise ConfigError(f"model.size: presets are EDM2's; model.arch is {cfg.model.arch!r}")
+    if cfg.optim.ema_std and not 0.01 <= cfg.optim.ema_std <= 0.28:
+        raise ConfigError(f"optim.ema_std: EDM2's power-function EMA takes a relative std in [0.01, 0.28], got {cfg.optim.ema_std}")
     if cfg.data.source == "stream" and cfg.data.kind != "folder":
         raise ConfigError(f"data.source: 'stream' reads image folders and dataset_tool zips (data.kind=folder), not data.kind={cfg.data.kind!r}")
     if not toy and cfg.method.name != "teacher" and not cfg.teacher.checkpoint:
@@ -366,7 +383,7 @@ def _validate_images(cfg: Config) -> None:
 
 
 def from_dict(data: dict) -> Config:
-    return validate(_build(Config, data, ""))
+    return validate(_apply_preset(validate(_build(Config, data, ""))))
 
 
 def to_dict(cfg: Config) -> dict:
@@ -426,6 +443,27 @@ class _StrictLoader(yaml.SafeLoader):
 
 _MAX_YAML_DEPTH = 32  # a config is three levels deep; anything far beyond is not a config
 _MAX_CONFIG_BYTES = 1 << 20
+
+
+def _apply_preset(cfg: Config) -> Config:
+    """model.size (an EDM2 preset) sets the width and dropout EDM2 trained that size with (and a
+    teacher run's reference learning rate), and resolves ``{release}`` in teacher.checkpoint to the
+    released FID-optimal pickle of that size."""
+    if not cfg.model.size:
+        if "{release}" in cfg.teacher.checkpoint:
+            raise ConfigError("teacher.checkpoint: {release} names the released EDM2 pickle of model.size; set model.size")
+        return cfg
+    from .networks.edm2 import IMG512_RELEASES, PRESETS
+
+    preset = PRESETS[cfg.model.size]
+    cfg.model.channels, cfg.model.dropout = preset["channels"], preset["dropout"]
+    if cfg.method.name == "teacher":
+        cfg.optim.teacher_lr = preset["lr"]
+    if "{release}" in cfg.teacher.checkpoint:
+        if cfg.model.size not in IMG512_RELEASES:
+            raise ConfigError(f"model.size: NVIDIA released no img512 network of size {cfg.model.size!r}")
+        cfg.teacher.checkpoint = cfg.teacher.checkpoint.replace("{release}", IMG512_RELEASES[cfg.model.size])
+    return cfg
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:

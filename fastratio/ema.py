@@ -1,9 +1,11 @@
-"""Exponential moving average of the generator, with the decay set by a half-life in images (as EDM)."""
+"""Moving averages of the trained network: exponential with a half-life in images (EDM), or EDM2's
+power-function average with a relative standard deviation."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +19,19 @@ def ema_beta(batch_size: int, nimg: torch.Tensor, halflife_kimg: float, rampup: 
     if rampup > 0:
         halflife_nimg = torch.minimum(halflife_nimg, nimg * rampup)
     return 0.5 ** (batch_size / halflife_nimg.clamp_min(1e-8))
+
+
+def std_to_exp(std: float) -> float:
+    """EDM2's power-function exponent gamma for a relative std (Karras et al. 2024, Eq. 3; the largest
+    real root of gamma^3 + 7 gamma^2 + (16 - std^-2) gamma + (12 - std^-2), as ``phema.std_to_exp``)."""
+    t = std**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def power_ema_beta(batch_size: int, nimg: torch.Tensor, exponent: float) -> torch.Tensor:
+    """EDM2's power-function EMA decay after an update at ``nimg`` images (this step's included):
+    beta = (1 - batch / nimg)^(gamma + 1) (``phema.power_function_beta``)."""
+    return (1 - batch_size / nimg.clamp_min(batch_size)) ** (exponent + 1)
 
 
 class EMA(nn.Module):

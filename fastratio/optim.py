@@ -23,7 +23,38 @@ def make_adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
     # Compiled and captured steps keep Adam's step counters on the GPU: a CUDA graph cannot read
     # host tensors, and a compiled step should not mix them into its device arithmetic.
     capturable = cfg.step.mode != "eager" and params[0].is_cuda
-    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=capturable)
+    # A scheduled learning rate is a device tensor updated in place (LearningRateSchedule): a float
+    # would be a constant of the compiled step (a recompile per value) and frozen in a CUDA graph.
+    rate = torch.tensor(lr, dtype=torch.float32, device=params[0].device) if cfg.optim.lr_schedule != "constant" else lr
+    opt = torch.optim.Adam(params, lr=rate, betas=(cfg.optim.beta1, cfg.optim.beta2), capturable=capturable)
+    opt.base_lr = lr
+    return opt
+
+
+def edm2_lr_factor(nimg: torch.Tensor, batch_size: int, ref_batches: float, rampup_mimg: float) -> torch.Tensor:
+    """EDM2's learning-rate schedule as a factor of the reference rate (``training_loop.py``,
+    ``learning_rate_schedule``; Karras et al. 2024, Sec. 3 "learning rate decay"): 1 / sqrt(max(nimg /
+    (ref_batches * batch), 1)), times min(nimg / rampup, 1) during the warm-up. ``nimg`` counts the
+    images the update about to be made has seen before it, as EDM2's ``cur_nimg``."""
+    factor = torch.rsqrt(torch.clamp_min(nimg / (ref_batches * batch_size), 1.0)) if ref_batches > 0 else torch.ones_like(nimg)
+    if rampup_mimg > 0:
+        factor = factor * torch.clamp_max(nimg / (rampup_mimg * 1e6), 1.0)
+    return factor
+
+
+class LearningRateSchedule:
+    """Sets every optimizer's tensor learning rate to base_lr x ``edm2_lr_factor(nimg)`` on the device
+    (no host work: it runs inside a compiled or captured iteration)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Adam], cfg: Config):
+        self.optimizers, self.cfg = optimizers, cfg
+
+    def __call__(self, nimg: torch.Tensor) -> None:
+        o = self.cfg.optim
+        factor = edm2_lr_factor(nimg.float(), o.batch_size, o.lr_ref_batches, o.lr_rampup_mimg)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"].copy_(opt.base_lr * factor)
 
 
 def adam_update(opt: torch.optim.Adam) -> None:

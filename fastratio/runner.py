@@ -27,7 +27,8 @@ import torch
 import torch._inductor.exc
 
 from .config import Config
-from .ema import EMA, ema_beta
+from .ema import EMA, ema_beta, power_ema_beta, std_to_exp
+from .optim import LearningRateSchedule
 from .errors import UserError
 from .shard import Shard
 
@@ -50,7 +51,8 @@ def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
 
 class StepRunner:
     def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device,
-                 averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = (), nimg: int = 0):
+                 averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = (), nimg: int = 0,
+                 optimizers: dict[str, torch.optim.Optimizer] | None = None):
         self.cfg, self.task, self.nets, self.step_fn, self.shard = cfg, task, nets, step_fn, shard
         self.draws = step_fn.draws
         self.mode = cfg.step.mode
@@ -66,6 +68,10 @@ class StepRunner:
         # Images seen (nimg when a run resumes), kept on the device so the EMA decays need nothing
         # from the host.
         self.nimg = torch.full((), float(nimg), dtype=torch.float64, device=device)
+        self.power_exponent = std_to_exp(cfg.optim.ema_std) if cfg.optim.ema_std else None
+        self.schedule = LearningRateSchedule(optimizers or {}, cfg) if cfg.optim.lr_schedule != "constant" else None
+        if self.schedule is not None:
+            self.schedule(self.nimg)  # the first update's learning rate (EDM2: 0 at nimg 0 with a warm-up)
         if self.mode == "graph":
             if device.type != "cuda":
                 raise UserError(f"step.mode: 'graph' captures a CUDA graph and needs a CUDA device (run.device is {device.type})")
@@ -114,8 +120,14 @@ class StepRunner:
     def _average(self) -> None:
         batch = self.cfg.optim.batch_size
         self.nimg += batch
-        for ema, live, halflife_kimg in self.averages:
-            ema.update(live, ema_beta(batch, self.nimg, halflife_kimg, self.cfg.optim.ema_rampup))
+        for i, (ema, live, halflife_kimg) in enumerate(self.averages):
+            if i == 0 and self.power_exponent is not None:  # the trained network, averaged as EDM2 does
+                beta = power_ema_beta(batch, self.nimg, self.power_exponent)
+            else:
+                beta = ema_beta(batch, self.nimg, halflife_kimg, self.cfg.optim.ema_rampup)
+            ema.update(live, beta)
+        if self.schedule is not None:
+            self.schedule(self.nimg)  # the next update's learning rate
 
     def _compile_and_run(self, batch: tuple) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()

@@ -105,7 +105,8 @@ def dsm_update(
 
 
 class TeacherStep:
-    """Stage 1 for images: one EDM denoiser update (loss ``teacher.loss``, EDM Eq. 2) on a real batch.
+    """Stage 1 for images: one denoiser update on a real batch (loss ``teacher.loss``: EDM Eq. 2, or
+    EDM2 Eq. 21 with the network's learned uncertainty).
     Same call signature as ``TrainStep``; the latents are unused."""
 
     def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], draws: Draws,
@@ -117,11 +118,19 @@ class TeacherStep:
         cfg, shard = self.cfg, self.shard
         x, aug = maybe_augment(x_real, cfg, self.draws, shard)
         n = shard.rows(x.shape[0])
-        sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.draws, x.device, cfg.model.sigma_data))
+        sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.draws, x.device, cfg.model.sigma_data,
+                                                               cfg.noise.p_mean, cfg.noise.p_std))
         noise = shard.take(self.draws.randn((n, *x.shape[1:]), x.device))
+        noisy = x + sigma.reshape(-1, 1, 1, 1) * noise
         with autocast(cfg, x.device):
-            denoised = self.denoiser(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels_real, aug)
-        loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
+            if cfg.teacher.loss == "edm2":  # EDM2 networks take no augmentation labels (config refuses augment.p > 0)
+                denoised, logvar = self.denoiser(noisy, sigma, labels_real, return_logvar=True)
+            else:
+                denoised = self.denoiser(noisy, sigma, labels_real, aug)
+        if cfg.teacher.loss == "edm2":
+            loss = objectives.uncertainty_loss(denoised.float(), x, weight, logvar.float()).mean()
+        else:
+            loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
         return {"teacher_loss": loss.detach(), "teacher_grad_norm": optimizer_step(self.denoiser, self.opt, loss, cfg.optim.grad_clip)}
 
 

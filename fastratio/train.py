@@ -224,7 +224,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
-    runner = StepRunner(cfg, task, nets, step_fn, shard, device, averages, nimg)
+    runner = StepRunner(cfg, task, nets, step_fn, shard, device, averages, nimg, opts)
     extras = task.checkpoint_extras()
     log = JsonlLog(run_dir / "metrics.jsonl", resume_step=start if found else None) if ctx.is_main else None
     # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).

@@ -122,3 +122,46 @@ def test_activation_checkpointing_of_an_edm2_generator_gives_the_same_gradients(
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for key, value in grads[0].items():
         torch.testing.assert_close(grads[1][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_learning_rate_schedule_and_power_ema_equal_edm2_s():
+    from fastratio.ema import power_ema_beta, std_to_exp
+    from fastratio.optim import edm2_lr_factor
+
+    ref = json.loads((FIX / "schedules.json").read_text())  # EDM2's learning_rate_schedule and phema, run by make_fixtures.py
+    for nimg, lr in zip(ref["nimg"], ref["lr_img512_xs"]):
+        factor = edm2_lr_factor(torch.tensor(float(nimg), dtype=torch.float64), 2048, 70000, 10)
+        assert 0.012 * float(factor) == pytest.approx(lr, rel=1e-12, abs=1e-15)
+    for std, exponent, betas in zip(ref["stds"], ref["std_to_exp"], ref["power_beta"]):
+        assert std_to_exp(std) == pytest.approx(exponent, rel=1e-12)
+        for nimg, beta in zip(ref["nimg"], betas):
+            assert float(power_ema_beta(2048, torch.tensor(float(nimg + 2048), dtype=torch.float64), exponent)) == pytest.approx(beta, rel=1e-9, abs=1e-300)
+
+
+def test_stage1_edm2_recipe_trains_a_teacher_stage2_starts_from(tmp_path):
+    import numpy as np
+
+    from fastratio import checkpoint, config
+    from fastratio.runlog import read_jsonl
+    from fastratio.train import train
+
+    np.savez(tmp_path / "data.npz", images=np.random.default_rng(0).integers(0, 256, (16, 3, 8, 8), dtype=np.uint8), labels=np.arange(16) % 4)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    common = [f"data.path={tmp_path / 'data.npz'}", "data.kind=npz", "run.log_every=1", "run.eval_every=4", "run.plot_every=4",
+              "run.ckpt_every=4", "run.progress=false", "run.precision=fp32", "run.device=cpu", "step.mode=eager", "optim.batch_size=4",
+              "data.eval_samples=8", "data.source=memory", "data.conditional=true", "teacher.sample_steps=2",
+              "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[4]"]
+    cfg = config.load(root / "imagenet512_teacher.yaml", [*common, f"run.out_dir={tmp_path / 'teacher'}", "run.steps=4", "model.size=xxs",
+                                                           "optim.lr_rampup_mimg=0.000008", "optim.lr_ref_batches=1"])
+    assert cfg.model.channels == 64 and cfg.teacher.loss == "edm2" and cfg.optim.ema_std > 0
+    run = train(cfg)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["teacher_loss"]) for r in rows)
+    state = checkpoint.load(run / "ckpt-000000004.pt")
+    assert state["network_kwargs"]["precond"] == "EDM2Precond"
+    # The schedule ran on the device: after 4 steps of 4 images, warm-up 8 images, decay after 1 batch: lr / sqrt(16 / 4).
+    assert float(state["optimizers"]["teacher"]["param_groups"][0]["lr"]) == pytest.approx(cfg.optim.teacher_lr / 2)
+    stage2 = config.load(root / "imagenet512.yaml", [*common, f"run.out_dir={tmp_path / 'dijs'}", "run.steps=2", "model.size=xxs",
+                                                       f"teacher.checkpoint={run / 'ckpt-000000004.pt'}"])
+    rows = read_jsonl(train(stage2) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["ratio_loss"]) for r in rows)

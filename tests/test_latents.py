@@ -143,3 +143,45 @@ def test_hostile_reference_statistics_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"mu \(3,\) and sigma \(2, 2\)"):
         read_reference_stats(tmp_path / "bad.pkl")
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_the_whole_latent_pipeline_on_cpu(vae_folder, tmp_path):
+    """Encode pixels with the VAE, DiJS stage 2 from an EDM2-written latent teacher on the streamed
+    latents (configs/imagenet512.yaml, shrunk), grids decoded, in-loop FID against reference
+    statistics, then the sample and evaluate CLIs on the checkpoint."""
+    from PIL import Image
+
+    from fastratio import checkpoint, config
+    from fastratio.evaluate import main as evaluate_main
+    from fastratio.runlog import read_jsonl
+    from fastratio.sample import main as sample_main
+    from fastratio.train import train
+
+    name = _register_tiny16()
+    pixels = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (20, 3, 16, 16), dtype=np.uint8))
+    images = write_dataset_zip(tmp_path / "pixels.zip", pixels.numpy(), [i % 10 for i in range(20)])
+    latents = tmp_path / "latents.zip"
+    assert run_cli(encode_main, [str(images), str(latents), "--vae", str(vae_folder), "--no-progress", "--device", "cpu"]) == 0
+    feats = torch.nn.functional.adaptive_avg_pool2d(pixels.float() / 255, 4).flatten(1) @ torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "ref.npz", mu=feats.double().mean(0).numpy(), sigma=np.cov(feats.double().numpy(), rowvar=False))
+    teacher = FIX / "edm2-latent-cond" / "edm2-latent-cond-0000008-0.070.pkl"  # EDM2's latent net: 4 x 8 x 8, 10 classes
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "imagenet512.yaml", [
+        f"run.out_dir={tmp_path / 'run'}", f"data.path={latents}", f"data.vae={vae_folder}", f"teacher.checkpoint={teacher}",
+        "data.workers=1", "run.steps=2", "run.log_every=1", "run.eval_every=2", "run.plot_every=2", "run.ckpt_every=2",
+        "run.progress=false", "run.precision=fp32", "run.device=cpu", "step.mode=eager", "optim.batch_size=4", "data.eval_samples=8",
+        "eval.fid_samples=8", f"eval.fid_ref={tmp_path / 'ref.npz'}", f"eval.feature_extractor={name}",
+    ])
+    run = train(cfg)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["ratio_loss"]) for r in rows)
+    assert rows[-1]["eval_fid"] > 0 and np.isfinite(rows[-1]["eval_latent_std_gap"])
+    assert Image.open(run / "samples-000000002.png").size[0] >= 16 * 8  # 64 decoded 16x16 images
+    state = checkpoint.load(run / "ckpt-000000002.pt")
+    assert state["latent"]["vae"] == str(vae_folder) and state["latent"]["final_std"] == 0.5
+    assert run_cli(sample_main, [str(run / "ckpt-000000002.pt"), "--n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] >= 2 * 16  # decoded pixels, not 8x8 latents
+    out = tmp_path / "eval.jsonl"
+    assert run_cli(evaluate_main, [str(run / "ckpt-000000002.pt"), "--n", "8", "--batch", "8", "--fid-ref", str(tmp_path / "ref.npz"),
+                                   "--feature-extractor", name, "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["fid"] > 0 and row["real"].startswith("statistics:")

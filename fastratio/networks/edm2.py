@@ -22,6 +22,24 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+# train_edm2.py's img512 presets (width, dropout, reference learning rate, training length in Mi
+# images at batch 2048) and the ImageNet-512 networks NVIDIA released per size, the FID-optimal
+# post-hoc EMA of each (generate_images.py).
+PRESETS = {
+    "xxs": {"channels": 64, "dropout": 0.0, "lr": 0.0170, "duration_mi": 2048},
+    "xs": {"channels": 128, "dropout": 0.0, "lr": 0.0120, "duration_mi": 2048},
+    "s": {"channels": 192, "dropout": 0.0, "lr": 0.0100, "duration_mi": 2048},
+    "m": {"channels": 256, "dropout": 0.1, "lr": 0.0090, "duration_mi": 2048},
+    "l": {"channels": 320, "dropout": 0.1, "lr": 0.0080, "duration_mi": 1792},
+    "xl": {"channels": 384, "dropout": 0.1, "lr": 0.0070, "duration_mi": 1280},
+    "xxl": {"channels": 448, "dropout": 0.1, "lr": 0.0065, "duration_mi": 896},
+}
+IMG512_RELEASES = {
+    "xs": "edm2-img512-xs-2147483-0.135.pkl", "s": "edm2-img512-s-2147483-0.130.pkl", "m": "edm2-img512-m-2147483-0.100.pkl",
+    "l": "edm2-img512-l-1879048-0.085.pkl", "xl": "edm2-img512-xl-1342177-0.085.pkl", "xxl": "edm2-img512-xxl-0939524-0.070.pkl",
+}
+
+
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Unit magnitude over ``dim`` (default: all but the first): x / (eps + ||x|| / sqrt(n)) (Eq. 66)."""
     if dim is None:

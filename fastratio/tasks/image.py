@@ -29,7 +29,7 @@ from ..latents import LatentScaling, decode, load_vae
 from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.denoisers import build_denoiser
 from ..networks.edm2 import Block as EDM2Block
-from ..networks.unet import EDMPrecond, Precond, UNetBlock
+from ..networks.unet import Precond, UNetBlock
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
@@ -38,13 +38,20 @@ _MODEL_TYPES = {"ddpmpp": "SongUNet", "adm": "DhariwalUNet"}
 
 
 def network_kwargs(cfg: Config, shape: tuple[int, int, int], label_dim: int) -> dict:
-    """EDMPrecond constructor kwargs (EDM's names) for the configured architecture and data shape."""
+    """Denoiser constructor kwargs (EDM's or EDM2's names) for the configured architecture and data shape."""
     channels, height, width = shape
     if height != width:
         raise UserError(f"data.path: images are {height}x{width}; the UNets need square images")
     levels = len(cfg.model.channel_mult)
     if height % (1 << (levels - 1)):
         raise UserError(f"model.channel_mult: {levels} resolutions halve {height}x{height} to a non-integer size")
+    if cfg.model.arch == "edm2":  # train_edm2.py's Precond kwargs; the rest are EDM2's defaults
+        return {
+            "precond": "EDM2Precond", "img_resolution": height, "img_channels": channels, "label_dim": label_dim,
+            "sigma_data": cfg.model.sigma_data, "use_fp16": False, "model_channels": cfg.model.channels,
+            "channel_mult": list(cfg.model.channel_mult), "num_blocks": cfg.model.num_blocks,
+            "attn_resolutions": list(cfg.model.attn_resolutions), "dropout": cfg.model.dropout,
+        }
     return {
         "img_resolution": height, "img_channels": channels, "label_dim": label_dim, "sigma_data": cfg.model.sigma_data,
         "model_type": _MODEL_TYPES[cfg.model.arch], "model_channels": cfg.model.channels,
@@ -144,7 +151,7 @@ class ImageTask:
     def build_networks(self) -> Networks:
         cfg, method = self.cfg, self.cfg.method.name
         if method == "teacher":
-            return Networks(teacher=_on(EDMPrecond(**self.kwargs), self.device))
+            return Networks(teacher=_on(build_denoiser(self.kwargs), self.device))
         teacher = load_teacher(cfg.teacher.checkpoint, self.device).requires_grad_(False).eval()
         t_kwargs = teacher.init_kwargs
         if (t_kwargs["img_channels"], t_kwargs["img_resolution"], t_kwargs.get("label_dim", 0)) != (
