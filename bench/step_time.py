@@ -46,6 +46,9 @@ SIZES = {
     "cifar10": {"shape": (3, 32, 32), "batch": 64, "model": {"channels": 128, "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16]}},
     # ADM as in EDM's ImageNet-64 config (296M parameters; run unconditional here, the class embedding is 0.3% of the FLOPs)
     "imagenet64": {"shape": (3, 64, 64), "batch": 32, "model": {"arch": "adm", "channels": 192, "channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [32, 16, 8]}},
+    # EDM2's img512 networks on SD-VAE latents (4 x 64 x 64); XS 125M and XXL 1.5B parameters (EDM2's counts)
+    "img512-xs": {"shape": (4, 64, 64), "batch": 32, "model": {"arch": "edm2", "size": "xs", "channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [16, 8]}},
+    "img512-xxl": {"shape": (4, 64, 64), "batch": 32, "model": {"arch": "edm2", "size": "xxl", "channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [16, 8]}},
     "tiny": {"shape": (1, 8, 8), "batch": 8, "model": {"channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4]}},
 }
 
@@ -57,11 +60,11 @@ def _fixtures(root: Path, size: dict, cfg_model: dict) -> tuple[Path, Path]:
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, size=(512, c, h, w), dtype=np.uint8))
     cfg = _config(root, data, None, size, cfg_model, "teacher", "eager", "fp32")
     kwargs = network_kwargs(cfg, (c, h, w), 0)
-    from fastratio.networks.unet import EDMPrecond
+    from fastratio.networks.denoisers import build_denoiser
 
     torch.manual_seed(0)
     teacher = root / "teacher.pt"
-    checkpoint.save({"network_kwargs": kwargs, "config": config.to_dict(cfg), "ema": EDMPrecond(**kwargs).state_dict()}, teacher)
+    checkpoint.save({"network_kwargs": kwargs, "config": config.to_dict(cfg), "ema": build_denoiser(kwargs).state_dict()}, teacher)
     return data, teacher
 
 
@@ -72,7 +75,7 @@ def _config(root, data, teacher, size, cfg_model, method, mode, precision) -> co
         "data": {"kind": "npz", "path": str(data)},
         "model": model,
         "method": {"name": method, "objective": "dijs"},
-        "teacher": {"checkpoint": str(teacher) if teacher else ""},
+        "teacher": {"checkpoint": str(teacher) if teacher else "", "loss": "edm2" if model["arch"] == "edm2" else "edm"},
         "noise": {"schedule": "ve", "sigma_dist": "loguniform", "sigma_min": 0.002, "sigma_max": 80.0, "weighting": "sigma2"},
         "optim": {"batch_size": size["batch"], "gen_lr": 1e-5, "ratio_lr": 1e-5, "beta1": 0.0, "beta2": 0.999},
         "step": {"mode": mode, "warmup_steps": 3},

@@ -142,6 +142,8 @@ def _broken_files(d, out, rng):
     stream_bad[member] ^= 0xFF
     (d / "stream_corrupt.zip").write_bytes(bytes(stream_bad))
     write_dataset_zip(d / "latents.zip", rng.standard_normal((4, 1, 28, 28)).astype(np.float32))
+    write_dataset_zip(d / "latents2.zip", rng.standard_normal((4, 2, 28, 28)).astype(np.float32))
+    (d / "evil-ref.pkl").write_bytes(pickle.dumps({"fid": {"mu": Evil(), "sigma": 0}}))
     (d / "rank200-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 200]) + b"\x00\x00\x00\x01" * 200)
     (d / "overflow-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3 + b"\x00" * 64)
     good = gzip.compress(idx_bytes(rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)))
@@ -299,7 +301,14 @@ CASES += [
      r"stream_corrupt.zip/00000/img00000003.png: corrupt zip member .*set data.skip_corrupt=true"),
     ("conditional stream without labels", lambda f: _image(f, "folder", f["dir"] / "stream_nolabels.zip", "data.source=stream", "data.conditional=true"), {}, "data.conditional: .*stream_nolabels.zip has no labels"),
     ("folder above the memory budget", lambda f: _image(f, "folder", f["dir"] / "stream_nolabels.zip", "data.memory_budget_gb=0.000001"), {}, "data.memory_budget_gb: .*above the budget .*data.source=stream"),
-    ("latent zip as images", lambda f: _image(f, "folder", f["dir"] / "latents.zip", "data.source=stream"), {}, "latents.zip holds torch.float32 arrays \\(latents\\)"),
+    ("latents of an odd channel count", lambda f: _image(f, "folder", f["dir"] / "latents.zip", "data.source=stream"), {}, "latents.zip holds float arrays of 1 channels"),
+    ("latent run without a VAE", lambda f: _image(f, "folder", f["dir"] / "latents2.zip", "run.plot_every=1"), {}, "data.vae: a latent run decodes its samples"),
+    ("latent run with a missing VAE", lambda f: _image(f, "folder", f["dir"] / "latents2.zip", "run.plot_every=1", "data.vae=" + _D(f, "no-vae")), {}, "data.vae: cannot load an AutoencoderKL from the name"),
+    ("latent FID without reference statistics", lambda f: _image(f, "folder", f["dir"] / "latents2.zip", "eval.fid_samples=8", "data.vae=x"), {}, "eval.fid_ref: a latent set holds no pixels"),
+    ("malicious FID reference statistics", lambda f: _image(f, *_IDX(f), "eval.fid_samples=8", "eval.fid_ref=" + _D(f, "evil-ref.pkl")), {}, "eval.fid_ref: .*evil-ref.pkl is not reference statistics readable as data"),
+    ("EDM2 preset on an EDM network", lambda f: _image(f, *_IDX(f), "model.size=xs"), {}, "model.size: presets are EDM2's; model.arch is 'ddpmpp'"),
+    ("released teacher without a size", lambda f: _image(f, *_IDX(f), "teacher.checkpoint=checkpoints/{release}"), {}, "teacher.checkpoint: \\{release\\} names the released EDM2 pickle of model.size"),
+    ("EDM2 loss on an EDM network", lambda f: [FASHION_TEACHER, *_sets(*QUICK, "teacher.loss=edm2")], {}, "teacher.loss: 'edm2' with model.arch 'ddpmpp'"),
     ("malicious CIFAR batch", lambda f: _image(f, "cifar10", f["dir"] / "evil-cifar.tar.gz"), {}, r"data_batch_1: refusing to load global (posix|os)\.system"),
     # checkpoints
     ("resume of a bare tensor", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + _D(f, "r1")), "--resume", _D(f, "bare-tensor.pt")], {}, "--resume: cannot read checkpoint .*bare-tensor.pt"),

@@ -165,3 +165,15 @@ def test_stage1_edm2_recipe_trains_a_teacher_stage2_starts_from(tmp_path):
                                                        f"teacher.checkpoint={run / 'ckpt-000000004.pt'}"])
     rows = read_jsonl(train(stage2) / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["ratio_loss"]) for r in rows)
+
+
+def test_the_edm2_ratio_net_is_a_third_of_the_generator_at_every_size():
+    from fastratio.networks.image import RatioUNet
+
+    stated = {"xs": 38_857_873, "xxl": 471_464_913}  # README's table
+    for size, channels in (("xs", 128), ("xxl", 448)):
+        kwargs = dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=channels)
+        with torch.device("meta"):
+            ratio = RatioUNet(sigma_data=0.5, schedule="ve", model_type="EDM2UNet", **kwargs)
+        count = sum(p.numel() for p in ratio.parameters())
+        assert count == stated[size] and 0.30 < count / LAYOUTS[f"edm2-img512-{size}"]["parameters"] < 0.32

@@ -118,14 +118,14 @@ class ImageTask:
         if self.latent:
             self.shape = self._latent_shape(d.path)
             self.scaling = LatentScaling(device=device)
-            if cfg.run.plot_every or cfg.eval.fid_samples:  # loaded now: a missing VAE stops the run before it starts
-                self.vae = load_vae(d.vae, device) if d.vae else None
-                if self.vae is None:
-                    raise UserError("data.vae: a latent run decodes its samples for grids and FID; give the AutoencoderKL "
-                                    "(e.g. stabilityai/sd-vae-ft-mse) or set run.plot_every=0 and eval.fid_samples=0")
             if cfg.eval.fid_samples and not cfg.eval.fid_ref:
                 raise UserError("eval.fid_ref: a latent set holds no pixels to compare with; give reference statistics "
                                 "(EDM2's img512.pkl) for in-loop FID, or set eval.fid_samples=0")
+            if cfg.run.plot_every or cfg.eval.fid_samples:  # loaded now: a missing VAE stops the run before it starts
+                if not d.vae:
+                    raise UserError("data.vae: a latent run decodes its samples for grids and FID; give the AutoencoderKL "
+                                    "(e.g. stabilityai/sd-vae-ft-mse) or set run.plot_every=0 and eval.fid_samples=0")
+                self.vae = load_vae(d.vae, device)
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
         self._fid_cache: str | None = None
         self._reference: torch.Tensor | None = None
