@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.formats import DATASET_KINDS, load_dataset
-from .data.stream import StreamSource
 from . import safe_pickle
 from .atomic import atomic_write
+from .data.formats import DATASET_KINDS, load_dataset
+from .data.stream import StreamSource
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, default_weights, private_cache_dir
@@ -115,7 +115,11 @@ def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], 
     torch-fidelity's extractor; the statistics and the distance are computed as EDM2 does (mean,
     covariance with N - 1, trace of the matrix square root)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id, resolve_feature_layer_for_metric
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id,
+        resolve_feature_layer_for_metric,
+    )
 
     kwargs = {"input1": _Images(fake.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
               "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}

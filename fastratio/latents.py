@@ -63,7 +63,7 @@ def load_vae(name_or_path: str, device: torch.device):
     diffusers.utils.logging.set_verbosity_error()  # its notices (no `accelerate`, ...) are not the user's business
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         where = "folder" if Path(name_or_path).exists() else "name (not in the Hugging Face cache)"
         raise UserError(f"data.vae: cannot load an AutoencoderKL from the {where} {name_or_path} "
                         f"({str(err).splitlines()[0][:120]}); {_GET_VAE}") from None

@@ -28,8 +28,8 @@ import torch._inductor.exc
 
 from .config import Config
 from .ema import EMA, ema_beta, power_ema_beta, std_to_exp
-from .optim import LearningRateSchedule
 from .errors import UserError
+from .optim import LearningRateSchedule
 from .shard import Shard
 
 # A compiler crash (say, inductor's CPU code generation on some bf16 graphs in torch 2.14) is a

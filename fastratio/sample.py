@@ -16,9 +16,9 @@ from . import checkpoint
 from .edm_import import load_edm_denoiser
 from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
-from .networks.image import OneStepGenerator, RatioUNet
 from .latents import LatentScaling, decode, load_vae
 from .networks.denoisers import build_denoiser
+from .networks.image import OneStepGenerator, RatioUNet
 from .networks.unet import Precond
 from .sampler import heun_sample
 from .train import resolve_device

@@ -172,7 +172,7 @@ def test_the_edm2_ratio_net_is_a_third_of_the_generator_at_every_size():
 
     stated = {"xs": 38_857_873, "xxl": 471_464_913}  # README's table
     for size, channels in (("xs", 128), ("xxl", 448)):
-        kwargs = dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=channels)
+        kwargs = {"img_resolution": 64, "img_channels": 4, "label_dim": 1000, "model_channels": channels}
         with torch.device("meta"):
             ratio = RatioUNet(sigma_data=0.5, schedule="ve", model_type="EDM2UNet", **kwargs)
         count = sum(p.numel() for p in ratio.parameters())

@@ -1,7 +1,6 @@
 """Streaming data: EDM dataset_tool files read exactly, the (seed, position) order, ranks and resume,
 bad members and dead workers in one line, and host memory that does not grow with the set."""
 
-import json
 import os
 import signal
 import subprocess
@@ -32,8 +31,8 @@ GRAY = SOURCES["gray"].transpose(0, 3, 1, 2)
 
 
 def _source(path, batch=4, shard=SINGLE, seed=0, workers=1, **kw):
-    args = dict(max_items=0, global_batch=batch, shard=shard, seed=seed, device=torch.device("cpu"), conditional=False,
-                 workers=workers, prefetch=2, timeout_s=60, skip_corrupt=False)
+    args = {"max_items": 0, "global_batch": batch, "shard": shard, "seed": seed, "device": torch.device("cpu"), "conditional": False,
+            "workers": workers, "prefetch": 2, "timeout_s": 60, "skip_corrupt": False}
     return StreamSource(str(path), **{**args, **kw})
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastratio.networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from fastratio.networks.denoisers import build_denoiser
+from fastratio.networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from fastratio.networks.unet import EDMPrecond
 
 LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "edm" / "layouts.json").read_text())["layouts"]

@@ -213,7 +213,7 @@ def _decode_array(raw: bytes, name: str) -> np.ndarray:
         f = io.BytesIO(raw)
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        shape, _, dtype = read_header(f)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
             raise ValueError(f"header says {shape} {dtype}, {len(raw) - f.tell()} bytes stored")
         arr = np.load(io.BytesIO(raw), allow_pickle=False)

@@ -66,7 +66,7 @@ class _Members(torch.utils.data.Dataset):
 
 # torch's messages: "DataLoader worker (pid 12) is killed by signal: Killed.", "DataLoader worker
 # (pid(s) 12, 13) exited unexpectedly", "DataLoader worker (pid 12) exited unexpectedly with exit code 1"
-_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (?:is killed by signal: (.*)|exited unexpectedly.*)", re.S)
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (?:is killed by signal: (.*)|exited unexpectedly.*)", re.DOTALL)
 
 
 def loader_failure(err: BaseException) -> UserError | None:
@@ -139,7 +139,7 @@ class StreamSource:
             if failure is None:
                 raise
             raise failure from None
-        except (EOFError, ConnectionError) as err:  # a worker died while handing over a batch's shared memory
+        except (EOFError, ConnectionError):  # a worker died while handing over a batch's shared memory
             time.sleep(0.5)  # let it be reaped, to name it
             dead = [str(w.pid) for w in getattr(batches, "_workers", []) if not w.is_alive()]
             raise loader_failure(RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead)}) exited unexpectedly")) from None

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-
 # train_edm2.py's img512 presets (width, dropout, reference learning rate, training length in Mi
 # images at batch 2048) and the ImageNet-512 networks NVIDIA released per size, the FID-optimal
 # post-hoc EMA of each (generate_images.py).

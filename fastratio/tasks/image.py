@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from ..config import Config
 from ..data.formats import load_dataset
 from ..data.memory import MemorySource
 from ..data.stream import StreamSource
-from ..config import Config
 from ..edm_import import load_edm_denoiser
 from ..errors import UserError
-from ..shard import SINGLE, Shard
 from ..images import save_grid, to_uint8
 from ..latents import LatentScaling, decode, load_vae
-from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.denoisers import build_denoiser
 from ..networks.edm2 import Block as EDM2Block
+from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
 from ..networks.unet import Precond, UNetBlock
+from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation and sample grids draw their own fixed stream
