@@ -104,7 +104,12 @@ def _iterate(loader: torch.utils.data.DataLoader):
 class StreamSource:
     def __init__(self, path: str, *, max_items: int, global_batch: int, shard: Shard, seed: int, device: torch.device,
                  conditional: bool, workers: int, prefetch: int, timeout_s: float, skip_corrupt: bool):
-        self.archive = Archive(Path(path).expanduser(), max_items)
+        where = Path(path).expanduser()
+        if not path or not where.exists():
+            raise UserError(f"data.path: {path or '(empty)'} not found; set it to an image folder or a dataset_tool zip")
+        if not (where.is_file() or where.is_dir()):
+            raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
+        self.archive = Archive(where, max_items)
         first = self.archive.decode(0)
         self.shape, self.dtype = tuple(first.shape), first.dtype
         if conditional and self.archive.labels is None:
