@@ -93,24 +93,7 @@ def aniso3() -> GaussianMixture:
     return GaussianMixture(means, torch.stack(covs), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
 
 
-def _rotated(means: list[list[float]], angles: list[float], stds: list[tuple[float, float]], weights: list[float]) -> GaussianMixture:
-    covs = []
-    for angle, (a, b) in zip(angles, stds):
-        rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
-        covs.append(rot @ torch.diag(torch.tensor([a**2, b**2], dtype=torch.float64)) @ rot.T)
-    w = torch.tensor(weights, dtype=torch.float64)
-    return GaussianMixture(torch.tensor(means, dtype=torch.float64), torch.stack(covs), w / w.sum())
-
-
-def spiral6() -> GaussianMixture:
-    """Six thin components (std 0.12 x 0.03) along a spiral, each tangent to it, weights 0.3 .. 0.1."""
-    thetas = [0.5 + 0.9 * k for k in range(6)]
-    radii = [0.6 + 0.35 * k for k in range(6)]
-    means = [[r * math.cos(t), r * math.sin(t)] for r, t in zip(radii, thetas)]
-    return _rotated(means, [t + math.pi / 2 for t in thetas], [(0.12, 0.03)] * 6, [0.3, 0.2, 0.15, 0.15, 0.1, 0.1])
-
-
-MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3, "spiral6": spiral6}
+MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3}
 
 
 class MixtureGenerator(nn.Module):
