@@ -48,6 +48,11 @@ class LearningRateSchedule:
 
     def __init__(self, optimizers: dict[str, torch.optim.Adam], cfg: Config):
         self.optimizers, self.cfg = optimizers, cfg
+        # load_state_dict (a resume) replaces each group's rate with the checkpoint's tensor, on the
+        # CPU: put a device tensor back, once, before any step reads it.
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=group["params"][0].device)
 
     def __call__(self, nimg: torch.Tensor) -> None:
         o = self.cfg.optim

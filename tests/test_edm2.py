@@ -151,12 +151,21 @@ def test_stage1_edm2_recipe_trains_a_teacher_stage2_starts_from(tmp_path):
               "run.ckpt_every=4", "run.progress=false", "run.precision=fp32", "run.device=cpu", "step.mode=eager", "optim.batch_size=4",
               "data.eval_samples=8", "data.source=memory", "data.conditional=true", "teacher.sample_steps=2",
               "model.channel_mult=[1,2]", "model.num_blocks=1", "model.attn_resolutions=[4]"]
-    cfg = config.load(root / "imagenet512_teacher.yaml", [*common, f"run.out_dir={tmp_path / 'teacher'}", "run.steps=4", "model.size=xxs",
-                                                           "optim.lr_rampup_mimg=0.000008", "optim.lr_ref_batches=1"])
+    teacher_sets = [*common, "model.size=xxs", "optim.lr_rampup_mimg=0.000008", "optim.lr_ref_batches=1", "run.ckpt_every=2"]
+    cfg = config.load(root / "imagenet512_teacher.yaml", [*teacher_sets, f"run.out_dir={tmp_path / 'teacher'}", "run.steps=4"])
     assert cfg.model.channels == 64 and cfg.teacher.loss == "edm2" and cfg.optim.ema_std > 0
     run = train(cfg)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["teacher_loss"]) for r in rows)
+    # Resumed at step 2, the schedule and the power EMA continue exactly (every logged loss equal).
+    part = config.load(root / "imagenet512_teacher.yaml", [*teacher_sets, f"run.out_dir={tmp_path / 'part'}", "run.steps=2"])
+    train(part)
+    part.run.steps = 4
+    resumed = read_jsonl(train(part, resume="auto") / "metrics.jsonl")
+    def losses(log):  # the shorter run also evaluated at its last step
+        return [(r["step"], r["teacher_loss"], r["teacher_grad_norm"]) for r in log]
+
+    assert losses(resumed) == losses(rows)
     state = checkpoint.load(run / "ckpt-000000004.pt")
     assert state["network_kwargs"]["precond"] == "EDM2Precond"
     # The schedule ran on the device: after 4 steps of 4 images, warm-up 8 images, decay after 1 batch: lr / sqrt(16 / 4).

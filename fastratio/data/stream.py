@@ -176,7 +176,7 @@ class StreamSource:
         return self.images, self.labels
 
     def reference(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A fixed random subset of ``count`` members (uint8 on the host) to evaluate against; the same
+        """A fixed random subset of ``count`` members (on the host) to evaluate against; the same
         subset for every run over this set, read once through the workers."""
         count = min(count, len(self.archive))
         items = EpochOrder(len(self.archive), _REFERENCE_SEED).items(0, count)
