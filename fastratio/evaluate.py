@@ -50,6 +50,15 @@ class _Images(torch.utils.data.Dataset):
         return self.images[i].contiguous()
 
 
+def _extractor_weights(feature_extractor: str, weights: str | None) -> dict:
+    """torch-fidelity's weights argument: never an unchecked file (fastratio.inception)."""
+    if weights and feature_extractor != INCEPTION:
+        raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
+    if feature_extractor != INCEPTION:
+        return {}
+    return {"feature_extractor_weights_path": checked_weights(weights) if weights else default_weights()}
+
+
 def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extractor: str = "inception-v3-compat",
                      weights: str | None = None, batch: int = 200, device: torch.device | None = None,
                      prc: bool = False, cache_dir: str | None = None, real_name: str | None = None) -> dict[str, float]:
@@ -65,10 +74,7 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
         "feature_extractor": feature_extractor, "batch_size": batch, "kid_subset_size": min(1000, n), "verbose": False,
         "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True,
     }
-    if weights and feature_extractor != INCEPTION:
-        raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
-    if feature_extractor == INCEPTION:  # torch-fidelity never loads an unchecked weights file
-        kwargs["feature_extractor_weights_path"] = checked_weights(weights) if weights else default_weights()
+    kwargs.update(_extractor_weights(feature_extractor, weights))
     if real_name and cache_dir:
         kwargs.update(cache=True, cache_root=cache_dir, input2_cache_name=real_name)
     else:
@@ -123,10 +129,7 @@ def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], 
 
     kwargs = {"input1": _Images(fake.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
               "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}
-    if weights and feature_extractor != INCEPTION:
-        raise UserError(f"--inception: weights are for {INCEPTION}, the feature extractor is {feature_extractor}")
-    if feature_extractor == INCEPTION:
-        kwargs["feature_extractor_weights_path"] = checked_weights(weights) if weights else default_weights()
+    kwargs.update(_extractor_weights(feature_extractor, weights))
     layer = resolve_feature_layer_for_metric("fid", **kwargs)
     extractor = create_feature_extractor(feature_extractor, [layer], **kwargs)
     stats = fid_features_to_statistics(extract_featuresdict_from_input_id(1, extractor, **kwargs)[layer].double())

@@ -296,7 +296,7 @@ CASES += [
     ("empty npz file", lambda f: _image(f, "npz", f["dir"] / "empty.npz"), {}, "empty.npz: not a readable .npz"),
     ("npz without images", lambda f: _image(f, "npz", f["dir"] / "noimages.npz"), {}, "noimages.npz: no 'images' array"),
     ("npz header of 10^12 elements", lambda f: _image(f, "npz", f["dir"] / "hugeheader.npz"), {}, "hugeheader.npz: images header says \\(1000000000000,\\)"),
-    ("stream without a path", lambda f: _image(f, "folder", "", "data.source=stream"), {}, r"data.path: \(empty\) not found; set it to an image folder"),
+    ("stream without a path", lambda f: _image(f, "folder", "", "data.source=stream"), {}, r"data.path: \(empty\) not found; set data.path to a folder of images or an EDM dataset_tool.py zip"),
     ("stream of /dev/zero", lambda f: _image(f, "folder", "/dev/zero", "data.source=stream"), {}, "data.path: /dev/zero is not a regular file or folder"),
     ("stream of an npz", lambda f: _image(f, "npz", f["dir"] / "rgb16.npz", "data.source=stream"), {}, "data.source: 'stream' reads image folders"),
     ("streamed member corrupt mid-run", lambda f: _image(f, "folder", f["dir"] / "stream_corrupt.zip", "data.source=stream", "data.workers=1", "data.conditional=true", "optim.batch_size=6"), {},

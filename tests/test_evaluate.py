@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch_fidelity
-from testkit import idx_bytes
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from testkit import idx_bytes, tiny_feature_extractor
 
 from fastratio import checkpoint
 from fastratio.data.formats import load_dataset
@@ -20,42 +18,7 @@ from fastratio.evaluate import main as evaluate_main
 from fastratio.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_NAME = "fastratio-test-tiny"
-
-
-class TinyExtractor(FeatureExtractorBase):
-    """8 fixed random projections of 4x4-pooled pixels: cheap features with real image statistics."""
-
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(48, 8, generator=g))
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("feat",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "feat"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return None
-
-    def forward(self, x):
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-        return (pooled @ self.proj.to(pooled.device),)
-
-
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-if TINY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(TINY_NAME, TinyExtractor)
+TINY_NAME = tiny_feature_extractor(8)  # 8 fixed projections of 4x4-pooled pixels
 
 
 def _images(n=300, seed=0):

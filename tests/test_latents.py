@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testkit import tiny_feature_extractor, tiny_features
 
 from fastratio.data.formats import Archive
 from fastratio.data.write import write_dataset_zip
@@ -76,47 +77,13 @@ def test_a_pickled_vae_is_refused_and_never_unpickled(tmp_path, vae_folder, caps
     assert not (tmp_path / "MARKER").exists()
 
 
-def _register_tiny16():
-    import torch_fidelity
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    class Extractor(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-            self.register_buffer("proj", torch.randn(48, 16, generator=torch.Generator().manual_seed(0)))
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("feat",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "feat"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return None
-
-        def forward(self, x):
-            return (torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj,)
-
-    if "fastratio-tiny16" not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor("fastratio-tiny16", Extractor)
-    return "fastratio-tiny16"
-
-
 def test_fid_against_edm2_reference_statistics_read_as_data(tmp_path):
     from fastratio.evaluate import fid_against_reference, fidelity_metrics, read_reference_stats
 
-    name = _register_tiny16()
+    name = tiny_feature_extractor(16)
     images = torch.load(FIX / "ref_images.pt", weights_only=True)["images"]
     ref = read_reference_stats(FIX / "ref-stats.pkl")  # written by EDM2's calculate_metrics code
-    feats = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1) @ torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    feats = tiny_features(images, 16)
     np.testing.assert_allclose(ref["mu"], feats.double().mean(0).numpy(), rtol=1e-6)
     np.testing.assert_allclose(ref["sigma"], np.cov(feats.double().numpy(), rowvar=False), rtol=1e-5, atol=1e-9)
     assert fid_against_reference(images, ref, feature_extractor=name) == pytest.approx(0, abs=1e-5)
@@ -157,12 +124,12 @@ def test_the_whole_latent_pipeline_on_cpu(vae_folder, tmp_path):
     from fastratio.sample import main as sample_main
     from fastratio.train import train
 
-    name = _register_tiny16()
+    name = tiny_feature_extractor(16)
     pixels = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (20, 3, 16, 16), dtype=np.uint8))
     images = write_dataset_zip(tmp_path / "pixels.zip", pixels.numpy(), [i % 10 for i in range(20)])
     latents = tmp_path / "latents.zip"
     assert run_cli(encode_main, [str(images), str(latents), "--vae", str(vae_folder), "--no-progress", "--device", "cpu"]) == 0
-    feats = torch.nn.functional.adaptive_avg_pool2d(pixels.float() / 255, 4).flatten(1) @ torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    feats = tiny_features(pixels, 16)
     np.savez(tmp_path / "ref.npz", mu=feats.double().mean(0).numpy(), sigma=np.cov(feats.double().numpy(), rowvar=False))
     teacher = FIX / "edm2-latent-cond" / "edm2-latent-cond-0000008-0.070.pkl"  # EDM2's latent net: 4 x 8 x 8, 10 classes
     cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "imagenet512.yaml", [

@@ -27,3 +27,45 @@ def assert_compiles_like_eager(f, x: torch.Tensor) -> None:
     got.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+def tiny_features(images: torch.Tensor, dim: int) -> torch.Tensor:
+    """dim fixed random projections of 4x4-pooled pixels: cheap features with real image statistics
+    (tests/fixtures/edm2/make_fixtures.py gave EDM2's statistics code the same 16-dim one)."""
+    proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1) @ proj.to(images.device)
+
+
+def tiny_feature_extractor(dim: int) -> str:
+    """Register ``tiny_features`` of width dim with torch-fidelity (the Inception weights are not in CI); returns its name."""
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class Extractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):  # torch-fidelity passes its whole kwargs along
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("feat",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "feat"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            return (tiny_features(x, dim),)
+
+    name = f"fastratio-tiny{dim}"
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, Extractor)
+    return name

@@ -206,14 +206,20 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
         raise UserError(f"{path}/{name}: corrupt zip member ({type(err).__name__}: {str(err)[:80]})") from None
 
 
+def _read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the ``.npy`` stream ``f``, which is left at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    return shape, dtype
+
+
 def _decode_array(raw: bytes, name: str) -> np.ndarray:
     """A ``.npy`` member (EDM2's latent datasets: one float32 [C, H, W] array per image), read as
     data: ``allow_pickle=False``, and the header must describe exactly the bytes stored."""
     try:
         f = io.BytesIO(raw)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, dtype = _read_npy_header(f)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
             raise ValueError(f"header says {shape} {dtype}, {len(raw) - f.tell()} bytes stored")
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -389,9 +395,7 @@ def _check_npy_header(path: Path) -> None:
                 return  # named in load_npz's own error
             info = archive.getinfo("images.npy")
             with archive.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read_header(f)
+                shape, dtype = _read_npy_header(f)
                 header = f.tell() if f.seekable() else None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: {str(err)[:80]})") from None
@@ -429,17 +433,23 @@ def load_digits() -> ImageData:
     return _finish(images, digits.target.astype(np.int64), "sklearn digits")
 
 
+def dataset_path(kind: str, path: str) -> Path:
+    """``data.path`` as a Path to an existing file or folder, or one line saying where to get it."""
+    p = Path(path).expanduser()
+    if not path or not p.exists():
+        raise UserError(f"data.path: {path or '(empty)'} not found; {_WHERE[kind]}")
+    if not (p.is_file() or p.is_dir()):
+        raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
+    return p
+
+
 def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0, budget_gb: float = 0) -> ImageData:
     """Load a whole dataset; ``max_images`` > 0 keeps the first that many; above ``budget_gb`` (0: no
     limit) decoded it is refused."""
     if kind == "digits":
         data = load_digits()
     else:
-        p = Path(path).expanduser()
-        if not path or not p.exists():
-            raise UserError(f"data.path: {path or '(empty)'} not found; {_WHERE[kind]}")
-        if not (p.is_file() or p.is_dir()):
-            raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
+        p = dataset_path(kind, path)
         loaders = {"cifar10": lambda: load_cifar10(p, split), "folder": lambda: load_folder(p, max_images, budget_gb), "idx": lambda: load_idx(p), "npz": lambda: load_npz(p)}
         data = loaders[kind]()
     if max_images and data.images.shape[0] > max_images:

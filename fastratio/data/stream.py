@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from ..shard import Shard
-from .formats import Archive
+from .formats import Archive, dataset_path
 from .order import EpochOrder, ShardedBatches
 
 _REFERENCE_SEED = 12345  # the fixed subset evaluation compares against
@@ -104,12 +103,7 @@ def _iterate(loader: torch.utils.data.DataLoader):
 class StreamSource:
     def __init__(self, path: str, *, max_items: int, global_batch: int, shard: Shard, seed: int, device: torch.device,
                  conditional: bool, workers: int, prefetch: int, timeout_s: float, skip_corrupt: bool):
-        where = Path(path).expanduser()
-        if not path or not where.exists():
-            raise UserError(f"data.path: {path or '(empty)'} not found; set it to an image folder or a dataset_tool zip")
-        if not (where.is_file() or where.is_dir()):
-            raise UserError(f"data.path: {path} is not a regular file or folder (a device or pipe is not a dataset)")
-        self.archive = Archive(where, max_items)
+        self.archive = Archive(dataset_path("folder", path), max_items)
         first = self.archive.decode(0)
         self.shape, self.dtype = tuple(first.shape), first.dtype
         if conditional and self.archive.labels is None:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .unet import conditioning_labels, edm_coefficients
+
 # train_edm2.py's img512 presets (width, dropout, reference learning rate, training length in Mi
 # images at batch 2048) and the ImageNet-512 networks NVIDIA released per size, the FID-optimal
 # post-hoc EMA of each (generate_images.py).
@@ -268,24 +270,13 @@ class Precond(nn.Module):
         """The UNet under EDM's attribute name (generator checkpointing, the ratio net's encoder copy)."""
         return self.unet
 
-    def class_labels(self, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            return torch.zeros(batch, self.label_dim, device=device)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
-
-    def coefficients(self, sigma: torch.Tensor) -> tuple:
-        sd2 = self.sigma_data**2
-        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt(), sigma.log() / 4
-
     def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logvar: bool = False):
         if augment_labels is not None:
             raise ValueError("EDM2 networks take no augmentation labels")
         x = x.to(torch.float32)
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f_x = self.unet(c_in * x, c_noise.flatten().expand(x.shape[0]), self.class_labels(class_labels, x.shape[0], x.device))
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        f_x = self.unet(c_in * x, c_noise.flatten().expand(x.shape[0]), conditioning_labels(self.label_dim, class_labels, x.shape[0], x.device))
         d_x = c_skip * x + c_out * f_x.to(torch.float32)
         if return_logvar:
             return d_x, self.logvar_linear(self.logvar_fourier(c_noise.flatten().expand(x.shape[0]))).reshape(-1, 1, 1, 1)

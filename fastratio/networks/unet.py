@@ -411,6 +411,22 @@ class DhariwalUNet(_UNetBase):
 ARCHITECTURES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
+def conditioning_labels(label_dim: int, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """[B, label_dim] float labels (zeros when unconditional input is given to a conditional net)."""
+    if label_dim == 0:
+        return None
+    if class_labels is None:
+        return torch.zeros(batch, label_dim, device=device)
+    return class_labels.to(torch.float32).reshape(-1, label_dim)
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple:
+    """EDM's (c_skip, c_out, c_in, c_noise) (Table 1), also EDM2's: sd^2/(s^2+sd^2), s sd/sqrt(s^2+sd^2),
+    1/sqrt(s^2+sd^2), ln(s)/4."""
+    sd2 = sigma_data**2
+    return sd2 / (sigma**2 + sd2), sigma * sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt(), sigma.log() / 4
+
+
 class Precond(nn.Module):
     """A denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) over one of the UNets (EDM Eq. 7).
     Subclasses give the coefficients; the constructor arguments are EDM's, so an EDM pickle's
@@ -428,12 +444,7 @@ class Precond(nn.Module):
         )
 
     def class_labels(self, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-        """[B, label_dim] float labels (zeros when unconditional input is given to a conditional net)."""
-        if self.label_dim == 0:
-            return None
-        if class_labels is None:
-            return torch.zeros(batch, self.label_dim, device=device)
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return conditioning_labels(self.label_dim, class_labels, batch, device)
 
     def coefficients(self, sigma: torch.Tensor) -> tuple:
         """(c_skip, c_out, c_in, c_noise) for sigma [B, 1, 1, 1]."""
@@ -459,8 +470,7 @@ class EDMPrecond(Precond):
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
     def coefficients(self, sigma):
-        sd2 = self.sigma_data**2
-        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / (sigma**2 + sd2).sqrt(), (sigma**2 + sd2).rsqrt(), sigma.log() / 4
+        return edm_coefficients(sigma, self.sigma_data)
 
 
 class VPPrecond(Precond):

@@ -129,7 +129,7 @@ class ImageTask:
         self.kwargs = network_kwargs(cfg, self.shape, self.num_classes)
         self._fid_cache: str | None = None
         self._reference: torch.Tensor | None = None
-        self._fid_ref = None
+        self._fid_ref = None  # read once, now: a bad file stops the run before it starts
         if cfg.eval.fid_samples and cfg.eval.inception:  # checked now, not at the first evaluation hours later
             from ..inception import checked_weights
 
@@ -260,13 +260,11 @@ class ImageTask:
         metrics = {f"{name}_mean_gap": float(mean_gap), f"{name}_std_gap": float(std_gap)}
         ev = self.cfg.eval
         if ev.fid_samples:
-            from ..evaluate import fid_against_reference, fidelity_metrics, read_reference_stats
+            from ..evaluate import fid_against_reference, fidelity_metrics
             from ..inception import private_cache_dir
 
             fake = torch.cat([self.pixels(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i) for i in range(0, ev.fid_samples, 256)])
             if ev.fid_ref:
-                if self._fid_ref is None:
-                    self._fid_ref = read_reference_stats(ev.fid_ref, "eval.fid_ref")
                 metrics["fid"] = fid_against_reference(fake, self._fid_ref, feature_extractor=ev.feature_extractor,
                                                        weights=ev.inception or None, device=self.device)
                 return metrics
