@@ -29,7 +29,7 @@ METHODS = ("diffratio", "vsd", "dibregman", "teacher")
 SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
 SCHEDULES = ("ve", "vp")
 WEIGHTINGS = ("sigma2", "none", "edm")
-TOY_MIXTURES = ("ring8", "grid25", "aniso3")
+TOY_MIXTURES = ("ring8", "grid25", "aniso3", "spiral6", "petals12", "grid20", "rings25")
 DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
 ARCHS = ("mlp", "ddpmpp", "adm", "edm2")
 TEACHER_LOSSES = ("edm", "vp", "ve", "edm2")
@@ -65,7 +65,7 @@ class DataConfig:
     mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3
     eval_samples: int = 2000  # samples drawn for evaluation metrics
     path: str = ""  # images: dataset file or folder (cifar-10-python.tar.gz, zip/folder, *-images-idx3-ubyte.gz, .npz)
-    split: str = "train"  # cifar10: train | test
+    split: str = "train"  # cifar10, digits: train | test (digits: the first 1,437 / the last 360)
     max_images: int = 0  # images: keep only the first N (0: all)
     conditional: bool = False  # images: condition every network on the class label
     source: str = "memory"  # images: memory (whole set on the device, batches drawn inside the step) | stream (worker processes read from disk; folder/zip)
@@ -97,6 +97,7 @@ class ModelConfig:
     augment_dim: int = 0  # images: 0, or 9 to condition on augmentation labels (EDM's CIFAR-10 checkpoints have 9)
     sigma_init: float = 2.5  # images: generator g(z) = D(sigma_init z; sigma_init)
     ratio_from_teacher: bool = True  # images: start the ratio encoder from the teacher's
+    generator_from_teacher: bool = True  # images: start the generator from the teacher's weights (false: fresh random weights; the papers' ablation)
     checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward)
 
 

@@ -114,6 +114,23 @@ def read_reference_stats(path: str | Path, what: str = "--fid-ref") -> dict[str,
     return {"mu": mu, "sigma": sigma}
 
 
+def image_features(images: torch.Tensor, *, feature_extractor: str = "inception-v3-compat", weights: str | None = None,
+                   batch: int = 200, device: torch.device | None = None) -> torch.Tensor:
+    """[N, D] float64 features (the FID layer) of uint8 images [N, C, H, W] through torch-fidelity's extractor."""
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id,
+        resolve_feature_layer_for_metric,
+    )
+
+    kwargs = {"input1": _Images(images.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
+              "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}
+    kwargs.update(_extractor_weights(feature_extractor, weights))
+    layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    extractor = create_feature_extractor(feature_extractor, [layer], **kwargs)
+    return extract_featuresdict_from_input_id(1, extractor, **kwargs)[layer].double()
+
+
 def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], *, feature_extractor: str = "inception-v3-compat",
                           weights: str | None = None, batch: int = 200, device: torch.device | None = None) -> float:
     """FID of uint8 images [N, C, H, W] against precomputed statistics (the paper's and EDM2's
@@ -121,18 +138,9 @@ def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], 
     torch-fidelity's extractor; the statistics and the distance are computed as EDM2 does (mean,
     covariance with N - 1, trace of the matrix square root)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.utils import (
-        create_feature_extractor,
-        extract_featuresdict_from_input_id,
-        resolve_feature_layer_for_metric,
-    )
 
-    kwargs = {"input1": _Images(fake.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
-              "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}
-    kwargs.update(_extractor_weights(feature_extractor, weights))
-    layer = resolve_feature_layer_for_metric("fid", **kwargs)
-    extractor = create_feature_extractor(feature_extractor, [layer], **kwargs)
-    stats = fid_features_to_statistics(extract_featuresdict_from_input_id(1, extractor, **kwargs)[layer].double())
+    features = image_features(fake, feature_extractor=feature_extractor, weights=weights, batch=batch, device=device)
+    stats = fid_features_to_statistics(features)
     if stats["mu"].shape != reference["mu"].shape:
         raise UserError(f"--fid-ref: the statistics are {reference['mu'].shape[0]}-dimensional, {feature_extractor} gives {stats['mu'].shape[0]}")
     ours = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}

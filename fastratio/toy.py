@@ -45,6 +45,16 @@ class GaussianMixture:
         covs = alpha[:, None, None, None] ** 2 * self.covs + std[:, None, None, None] ** 2 * eye  # [B, K, D, D]
         return means, covs
 
+    def standardized(self) -> GaussianMixture:
+        """The same mixture moved to zero mean and scaled to unit variance per coordinate on average
+        (one isotropic factor, so shapes and angles are kept): what the networks' preconditioning
+        assumes (sigma_data = 1), as image pixels are mapped to [-1, 1]."""
+        mean = self.weights @ self.means
+        centred = self.means - mean
+        second = (self.weights[:, None, None] * (self.covs + centred[:, :, None] * centred[:, None, :])).sum(0)
+        scale = float(torch.sqrt(torch.trace(second) / self.dim))
+        return GaussianMixture(centred / scale, self.covs / scale**2, self.weights)
+
     def log_prob_and_score(
         self, x: torch.Tensor, sigma: torch.Tensor, schedule: str = "ve"
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,17 +93,69 @@ def grid25(spacing: float = 1.0, std: float = 0.05) -> GaussianMixture:
     return _isotropic([[spacing * i, spacing * j] for i in range(-2, 3) for j in range(-2, 3)], std)
 
 
+def _rotated(angle: float, major: float, minor: float) -> torch.Tensor:
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    return rot @ torch.diag(torch.tensor([major**2, minor**2], dtype=torch.float64)) @ rot.T
+
+
 def aniso3() -> GaussianMixture:
     """Three elongated, rotated components with unequal weights."""
     means = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]], dtype=torch.float64)
-    covs = []
-    for angle, (a, b) in zip((0.3, -0.8, 1.4), ((0.5, 0.05), (0.3, 0.08), (0.6, 0.04))):
-        rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
-        covs.append(rot @ torch.diag(torch.tensor([a**2, b**2], dtype=torch.float64)) @ rot.T)
-    return GaussianMixture(means, torch.stack(covs), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    covs = torch.stack([_rotated(angle, a, b) for angle, (a, b) in zip((0.3, -0.8, 1.4), ((0.5, 0.05), (0.3, 0.08), (0.6, 0.04)))])
+    return GaussianMixture(means, covs, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
 
 
-MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3}
+def _unequal(k: int) -> torch.Tensor:
+    """Weights falling linearly from 3 to 1 (ratio 3), normalised: every mixture of the family has
+    heavy and light modes."""
+    w = torch.linspace(3.0, 1.0, k, dtype=torch.float64)
+    return w / w.sum()
+
+
+def spiral6(scale: float = 2.0) -> GaussianMixture:
+    """Six thin components (std 0.12 along the spiral, 0.03 across) on a spiral, weights 0.3 .. 0.1:
+    the mixture issue 17 reported (radii 1.2 .. 4.9 at scale 2)."""
+    thetas = [0.5 + 0.9 * k for k in range(6)]
+    radii = [scale * (0.6 + 0.35 * k) for k in range(6)]
+    means = torch.tensor([[r * math.cos(t), r * math.sin(t)] for r, t in zip(radii, thetas)], dtype=torch.float64)
+    # The spiral's tangent direction at angle t, radius r(t) = scale (0.6 + 0.35 (t - 0.5) / 0.9).
+    tangents = [math.atan2(r * math.cos(t) + scale * 0.35 / 0.9 * math.sin(t), -r * math.sin(t) + scale * 0.35 / 0.9 * math.cos(t))
+                for r, t in zip(radii, thetas)]
+    covs = torch.stack([_rotated(a, 0.12, 0.03) for a in tangents])
+    return GaussianMixture(means, covs, torch.tensor([0.3, 0.2, 0.15, 0.15, 0.1, 0.1], dtype=torch.float64))
+
+
+def petals12(radius: float = 0.5) -> GaussianMixture:
+    """Twelve needle-like components (std 0.08 x 0.008, ratio 10) on a small ring, each pointing
+    outward, unequal weights: thin, anisotropic and rotated at a scale 4x below ring8's."""
+    angles = [2 * math.pi * k / 12 for k in range(12)]
+    means = torch.tensor([[radius * math.cos(a), radius * math.sin(a)] for a in angles], dtype=torch.float64)
+    covs = torch.stack([_rotated(a, 0.08, 0.008) for a in angles])
+    return GaussianMixture(means, covs, _unequal(12))
+
+
+def grid20(spacing: float = 4.0) -> GaussianMixture:
+    """Twenty components on a 5 x 4 grid spaced 4 apart (data spread 8x ring8's), each rotated by
+    its own angle, std 0.5 x 0.1, unequal weights shuffled over the grid."""
+    points = [(spacing * (i - 2), spacing * (j - 1.5)) for i in range(5) for j in range(4)]
+    covs = torch.stack([_rotated(0.7 * k, 0.5, 0.1) for k in range(20)])
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    return GaussianMixture(torch.tensor(points, dtype=torch.float64), covs, _unequal(20)[order])
+
+
+def rings25(radii: tuple[float, float] = (1.0, 2.5)) -> GaussianMixture:
+    """25 components on two concentric rings (9 inner, 16 outer), the outer ones tangent-elongated
+    (std 0.15 x 0.04), the inner ones round (0.05), weights 3:1 from the first to the last."""
+    means, covs = [], []
+    for count, radius, (major, minor) in ((9, radii[0], (0.05, 0.05)), (16, radii[1], (0.15, 0.04))):
+        for k in range(count):
+            a = 2 * math.pi * (k + 0.5 * (count == 16)) / count
+            means.append([radius * math.cos(a), radius * math.sin(a)])
+            covs.append(_rotated(a + math.pi / 2, major, minor))
+    return GaussianMixture(torch.tensor(means, dtype=torch.float64), torch.stack(covs), _unequal(25))
+
+
+MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3, "spiral6": spiral6, "petals12": petals12, "grid20": grid20, "rings25": rings25}
 
 
 class MixtureGenerator(nn.Module):
@@ -145,7 +207,8 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 def mode_coverage(samples: torch.Tensor, mixture: GaussianMixture, n_std: float = 3.0, min_share: float = 0.2) -> dict:
     """Assign each sample to its nearest component (Mahalanobis); a sample is high quality when it lies
     within n_std of it, a mode is covered when it gets at least min_share of its expected count.
-    Returns {"modes_covered", "modes", "high_quality"}."""
+    Returns {"modes_covered", "modes", "high_quality", "mass_tv"}; mass_tv is the total variation
+    1/2 sum_k |share_k - pi_k| between the fractions of all samples nearest to each mode and the weights."""
     samples = samples.to(mixture.means)
     zero = torch.zeros(samples.shape[0], dtype=samples.dtype, device=samples.device)
     means, covs = mixture._noised_components(zero, "ve")
@@ -153,12 +216,15 @@ def mode_coverage(samples: torch.Tensor, mixture: GaussianMixture, n_std: float 
     maha = (diff * torch.linalg.solve(covs, diff)).sum((-1, -2)).sqrt()  # [N, K]
     dist, nearest = maha.min(dim=1)
     good = dist <= n_std
-    counts = torch.bincount(nearest[good], minlength=len(mixture.weights)).double()
+    k = len(mixture.weights)
+    counts = torch.bincount(nearest[good], minlength=k).double()
     expected = mixture.weights * samples.shape[0]
+    share = torch.bincount(nearest, minlength=k).double() / samples.shape[0]
     return {
         "modes_covered": int((counts >= min_share * expected).sum()),
-        "modes": len(mixture.weights),
+        "modes": k,
         "high_quality": float(good.double().mean()),
+        "mass_tv": float(0.5 * (share - mixture.weights).abs().sum()),
     }
 
 

@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from testkit import idx_bytes, png_bytes
 
 from fastratio.data.formats import load_dataset, read_idx
@@ -153,9 +154,16 @@ def test_npz_layouts(tmp_path):
 
 
 def test_sklearn_digits_are_real_8x8_images():
-    data = load_dataset("digits", "")
-    assert data.images.shape == (1797, 1, 8, 8) and data.images.dtype.is_floating_point is False
-    assert data.num_classes == 10 and int(data.images.max()) == 255 and int(data.images.min()) == 0
+    train, test = load_dataset("digits", ""), load_dataset("digits", "", split="test")
+    assert train.images.shape == (1437, 1, 8, 8) and test.images.shape == (360, 1, 8, 8)
+    assert train.images.dtype.is_floating_point is False
+    assert train.num_classes == 10 and int(train.images.max()) == 255 and int(train.images.min()) == 0
+    from sklearn.datasets import load_digits
+
+    # The two splits are sklearn's 1,797 images in order, split 80/20, none shared or lost.
+    whole = np.rint(load_digits().images * (255 / 16)).astype(np.uint8)
+    assert np.array_equal(torch.cat([train.images, test.images])[:, 0].numpy(), whole)
+    assert np.array_equal(torch.cat([train.labels, test.labels]).numpy(), load_digits().target)
 
 
 def test_sixteen_bit_png_is_read_at_full_depth_and_scaled_to_8_bits(tmp_path):

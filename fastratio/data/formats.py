@@ -8,7 +8,8 @@ Formats (``data.kind``):
   idx      MNIST-family IDX files (``*-images-idx3-ubyte[.gz]``; labels from the sibling
            ``*-labels-idx1-ubyte[.gz]``)
   npz      ``images`` uint8 NHWC or NCHW and optional ``labels``: subsets carried to another machine
-  digits   scikit-learn's 8x8 digits (needs scikit-learn), 0..16 rescaled to 0..255
+  digits   scikit-learn's 8x8 digits (needs scikit-learn), 0..16 rescaled to 0..255; split train = the
+           first 1,437, test = the last 360
 Every problem (missing file, corrupt archive, mixed sizes, bad labels) is a UserError naming the file.
 Small datasets (CIFAR-10 is 150 MB as uint8) live on the training device and batches are drawn by
 index there, with no loader processes and no host round trip.
@@ -423,14 +424,18 @@ def load_npz(path: Path) -> ImageData:
     return _finish(images, labels, str(path))
 
 
-def load_digits() -> ImageData:
+DIGITS_TEST = 360  # sklearn digits: the last 360 of the 1,797 images are the held-out test split (80/20)
+
+
+def load_digits(split: str = "train") -> ImageData:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:
         raise UserError("data.kind=digits needs scikit-learn (pip install scikit-learn)") from None
     digits = sk_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)[:, None]
-    return _finish(images, digits.target.astype(np.int64), "sklearn digits")
+    part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+    return _finish(images[part], digits.target.astype(np.int64)[part], f"sklearn digits ({split})")
 
 
 def dataset_path(kind: str, path: str) -> Path:
@@ -447,7 +452,7 @@ def load_dataset(kind: str, path: str, split: str = "train", max_images: int = 0
     """Load a whole dataset; ``max_images`` > 0 keeps the first that many; above ``budget_gb`` (0: no
     limit) decoded it is refused."""
     if kind == "digits":
-        data = load_digits()
+        data = load_digits(split)
     else:
         p = dataset_path(kind, path)
         loaders = {"cifar10": lambda: load_cifar10(p, split), "folder": lambda: load_folder(p, max_images, budget_gb), "idx": lambda: load_idx(p), "npz": lambda: load_npz(p)}

@@ -24,15 +24,23 @@ def _mlp(in_dim: int, hidden: int, depth: int, out_dim: int) -> nn.Sequential:
 
 
 class MLPGenerator(nn.Module):
-    """One-step generator x = g(z) [B, D] from z [B, latent_dim]."""
+    """One-step generator x = z[:, :D] + f(z) [B, D] from z [B, latent_dim >= D], f's last layer zero
+    at initialisation: the initial law is N(0, I), the standardised data's first two moments. The
+    toy's counterpart of starting from the teacher: from a near point mass (a plain MLP's initial
+    output), reverse-KL-like objectives pull every sample into the nearest mode's basin and VSD
+    kept one of six modes (tests/test_toy_training.py)."""
 
     def __init__(self, latent_dim: int, out_dim: int, hidden: int, depth: int):
         super().__init__()
-        self.latent_dim = latent_dim
+        if latent_dim < out_dim:
+            raise ValueError(f"latent_dim {latent_dim} < data dimension {out_dim}")
+        self.latent_dim, self.out_dim = latent_dim, out_dim
         self.net = _mlp(latent_dim, hidden, depth, out_dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z: torch.Tensor, class_labels=None) -> torch.Tensor:
-        return self.net(z)
+        return z[:, : self.out_dim] + self.net(z)
 
 
 class SigmaMLP(nn.Module):

@@ -1,0 +1,368 @@
+"""The papers' claims on real small images: one teacher, eight one-step methods, one table.
+
+    python bench/paper_claims.py --data digits|mnist|fashion_mnist [--budget-minutes M] [--seeds S]
+
+Stage 1 trains (or reuses) one teacher from ``configs/<data>_teacher.yaml`` on the train split. Stage 2
+trains, from that teacher and with the same number of generator steps (the same images seen), each
+method of METHODS with the hyper-parameters of ``configs/<data>.yaml`` (set once for all methods; a
+method changes only what names it). Every model is then measured against the held-out test split:
+
+  fid, kid          torch-fidelity's FID and KID (features of --feature-extractor; Inception offline
+                    with --inception), n generated images vs the whole test split
+  energy_distance   pixel-space squared energy distance to the test split (exact, no features)
+  class_entropy     entropy (nats; log 10 = 2.303 is uniform) of the classes a logistic regression,
+  classes_covered   fitted on the train split's pixels, assigns; classes getting >= 20% of their share
+  confidence        the classifier's mean top probability (low for ambiguous, blurry samples)
+
+beside the same measures of n real train images (the "real" row: what a perfect generator scores at
+this n) and of the teacher's Heun sampler (18 steps, 35 evaluations). The DiJS runs are also measured
+best-of-N (N = 2, 4, 8, 16): N candidates per image, the ratio net keeps the most real one.
+
+``--budget-minutes`` fits the plan to a wall-clock budget on this machine: the teacher gets at most a
+fifth of it, evaluation the time the measured feature rate needs, and the generator steps (equal for
+all methods, at most the config's run.steps) are set from each method's measured step time. Without it
+the configs' steps are used, so the same command runs unchanged on a GPU. Runs live under
+``--out-dir/<data>``; a rerun reuses finished runs and resumes interrupted ones (the plan is kept in
+plan.json). Results: ``bench/results/paper_claims_<data>.json`` (rows per method and seed), a figure
+(sample grids per method, FID and KID vs N) and a claims summary printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastratio import checkpoint, config  # noqa: E402
+from fastratio.atomic import atomic_write  # noqa: E402
+from fastratio.data.formats import load_dataset  # noqa: E402
+from fastratio.errors import UserError, run_cli  # noqa: E402
+from fastratio.evaluate import image_features  # noqa: E402
+from fastratio.guard import TrainingDiverged  # noqa: E402
+from fastratio.images import to_uint8  # noqa: E402
+from fastratio.runinfo import environment  # noqa: E402
+from fastratio.runlog import read_jsonl  # noqa: E402
+from fastratio.sample import load_model, load_verifier, sample  # noqa: E402
+from fastratio.toy import energy_distance  # noqa: E402
+from fastratio.train import resolve_device, train  # noqa: E402
+
+# name -> config overrides; every method starts from the same teacher and trains the same steps.
+METHODS = {
+    "dijs": ["method.name=diffratio", "method.objective=dijs"],
+    "dikl": ["method.name=diffratio", "method.objective=dikl"],
+    "dirm": ["method.name=diffratio", "method.objective=dirm"],
+    # Di-Bregman with a teacher: the VSD score difference weighted by h''(r) r from the ratio net.
+    "dibregman_sba5": ["method.name=dibregman", "method.objective=sba", "method.sba_lambda=5"],
+    "dibregman_lr": ["method.name=dibregman", "method.objective=lr"],
+    "vsd": ["method.name=vsd"],
+    "dijs_random_init": ["method.name=diffratio", "method.objective=dijs", "model.generator_from_teacher=false"],
+    "dijs_ratio_scratch": ["method.name=diffratio", "method.objective=dijs", "model.ratio_from_teacher=false"],
+}
+BEST_OF = (2, 4, 8, 16)
+
+# data -> (train images, test images); the configs name the train file, the test file sits beside it.
+DATASETS = {
+    "digits": {"configs": "digits", "test": ("digits", "")},
+    "fashion_mnist": {"configs": "fashion_mnist", "test": ("idx", "data/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                      "how": "apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb out/, "
+                             "then copy out/usr/share/datasets/fashion-mnist/*-ubyte.gz to data/fashion-mnist/"},
+    "mnist": {"configs": "fashion_mnist", "train": "data/mnist/train-images-idx3-ubyte.gz",
+              "test": ("idx", "data/mnist/t10k-images-idx3-ubyte.gz"),
+              "how": "put MNIST's IDX files (train-images-idx3-ubyte.gz, t10k-images-idx3-ubyte.gz and the two label files) "
+                     "in data/mnist/"},
+}
+_TEACHER_SHARE = 0.2  # at most this share of --budget-minutes trains the teacher
+
+
+def _check_files(data: str, cfg: config.Config) -> None:
+    spec = DATASETS[data]
+    for path in ([cfg.data.path] if cfg.data.kind != "digits" else []) + ([spec["test"][1]] if spec["test"][1] else []):
+        if not Path(path).is_file():
+            raise UserError(f"--data {data}: {path} not found; {spec['how']}")
+
+
+def _load_cfg(name: str, data: str, overrides: list[str]) -> config.Config:
+    spec = DATASETS[data]
+    extra = [f"data.path={spec['train']}"] if "train" in spec else []
+    return config.load(ROOT / "configs" / f"{name}.yaml", extra + overrides)
+
+
+def _derive(cfg: config.Config, overrides: list[str]) -> config.Config:
+    return config.from_dict(config.apply_overrides(config.to_dict(cfg), overrides))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def _finished(run_dir: Path, steps: int) -> Path | None:
+    path = checkpoint.checkpoint_path(run_dir, steps)
+    return path if path.is_file() else None
+
+
+def _train(cfg: config.Config) -> tuple[Path | None, str]:
+    """(final checkpoint or None, '' or the divergence message): a finished run is reused, an
+    interrupted one resumed; a diverged run is a result, not a crash."""
+    run_dir = Path(cfg.run.out_dir)
+    done = _finished(run_dir, cfg.run.steps)
+    if done is None:
+        try:
+            train(cfg, resume="auto" if checkpoint.list_checkpoints(run_dir) else None)
+        except TrainingDiverged as err:
+            return None, str(err)
+        done = _finished(run_dir, cfg.run.steps)
+    return done, ""
+
+
+def _seconds_per_step(cfg: config.Config, work: Path) -> float:
+    """Wall seconds of one step of this config, from a 6-step run (steps 4-6 timed by the loop)."""
+    probe = _derive(cfg, [f"run.out_dir={work}", "run.steps=6", "run.log_every=3",
+                                                   "run.ckpt_every=6", "run.eval_every=1000000", "run.plot_every=0"])
+    if not _finished(work, 6):
+        train(probe, resume="auto" if checkpoint.list_checkpoints(work) else None)
+    return cfg.optim.batch_size / read_jsonl(work / "metrics.jsonl")[-1]["images_per_s"]
+
+
+class Judge:
+    """The measures of one image set against the test split; the test features are computed once."""
+
+    def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor, args, device):
+        from sklearn.linear_model import LogisticRegression
+
+        self.args, self.device = args, device
+        self.test = test_images
+        self.test_pixels = self._pixels(test_images)
+        self.test_features = self._features(test_images)
+        # A linear classifier on pixels: cheap, exact to reproduce, and enough to tell digit classes.
+        take = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(0))[:10000]
+        self.classifier = LogisticRegression(max_iter=300, C=0.1).fit(self._pixels(train_images[take]).numpy(), train_labels[take].numpy())
+
+    @staticmethod
+    def _pixels(images: torch.Tensor) -> torch.Tensor:
+        return images.reshape(images.shape[0], -1).double() / 127.5 - 1
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return image_features(images, feature_extractor=self.args.feature_extractor, weights=self.args.inception,
+                              batch=self.args.batch, device=self.device)
+
+    def classifier_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        return float(self.classifier.score(self._pixels(images).numpy(), labels.numpy()))
+
+    def measure(self, images: torch.Tensor) -> dict[str, float]:
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+
+        features = self._features(images)
+        fid = fid_statistics_to_metric(fid_features_to_statistics(features), fid_features_to_statistics(self.test_features), False)
+        n = min(features.shape[0], self.test_features.shape[0])
+        kid = kid_features_to_metric(features, self.test_features, kid_subsets=100, kid_subset_size=n, verbose=False)
+        probs = self.classifier.predict_proba(self._pixels(images).numpy())
+        share = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / probs.shape[0]
+        return {
+            "fid": float(fid["frechet_inception_distance"]),
+            "kid": float(kid["kernel_inception_distance_mean"]),
+            "kid_std": float(kid["kernel_inception_distance_std"]),
+            "energy_distance": energy_distance(self._pixels(images), self.test_pixels),
+            "class_entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum()),
+            "classes_covered": int((share >= 0.2 / probs.shape[1]).sum()),
+            "confidence": float(probs.max(1).mean()),
+        }
+
+
+def _generate(ckpt: Path, n: int, seed: int, device, steps: int = 18, best_of: int = 1) -> torch.Tensor:
+    model, state = load_model(ckpt, device)
+    verifier = load_verifier(state, ckpt, device) if best_of > 1 else None
+    chunks = [sample(model, min(256, n - i), seed * 1_000_003 + i, device, None, steps, verifier, best_of) for i in range(0, n, 256)]
+    return to_uint8(torch.cat(chunks)).cpu()
+
+
+def _plan(args, out: Path, teacher_cfg, stage2, judge_rate: float) -> dict:
+    """Teacher and generator steps: the configs', or what fits --budget-minutes (kept in plan.json)."""
+    path = out / "plan.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        if plan.get("seeds") == args.seeds and plan.get("methods") == args.methods and plan.get("n") == args.n:
+            return plan
+    plan = {"seeds": args.seeds, "methods": args.methods, "n": args.n, "budget_minutes": args.budget_minutes,
+            "teacher_steps": args.teacher_steps or teacher_cfg.run.steps, "steps": args.steps or stage2.run.steps}
+    if args.budget_minutes and not (args.steps and args.teacher_steps):
+        budget = args.budget_minutes * 60
+        t_teacher = _seconds_per_step(teacher_cfg, out / "probe" / "teacher")
+        if not args.teacher_steps:
+            plan["teacher_steps"] = max(10, min(plan["teacher_steps"], int(_TEACHER_SHARE * budget / t_teacher) // 10 * 10))
+        evals = args.seeds * len(args.methods) + 1 + (len(BEST_OF) if "dijs" in args.methods else 0)
+        eval_seconds = evals * args.n / judge_rate
+        # The probes run from a probe teacher: step times do not depend on the teacher's weights.
+        probe_teacher = _finished(out / "probe" / "teacher", 6)
+        per_step = {m: _seconds_per_step(_derive(stage2, METHODS[m] + [f"teacher.checkpoint={probe_teacher}"]),
+                                         out / "probe" / m) for m in args.methods}
+        left = budget - plan["teacher_steps"] * t_teacher - eval_seconds
+        if not args.steps:
+            plan["steps"] = max(10, min(plan["steps"], int(left / (args.seeds * sum(per_step.values()))) // 10 * 10))
+        plan.update(seconds_per_step={"teacher": t_teacher, **per_step}, eval_seconds_estimate=eval_seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, plan)
+    return plan
+
+
+def _summary(rows: list[dict]) -> dict[str, dict]:
+    """method -> {metric: (mean, std over seeds)} of the one-step rows at N = 1, plus the references."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method and r.get("best_of", 1) == 1 and "fid" in r]
+        if group:
+            out[method] = {k: (statistics.mean(r[k] for r in group), statistics.stdev(r[k] for r in group) if len(group) > 1 else 0.0, len(group))
+                           for k in ("fid", "kid", "energy_distance", "class_entropy", "classes_covered", "confidence")}
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    summary = _summary(rows)
+    lines = ["| method | seeds | FID | KID x1e3 | energy distance | class entropy | classes | confidence |", "|---|---|---|---|---|---|---|---|"]
+    for method, m in summary.items():
+        def cell(k, scale=1.0, fmt=".2f"):
+            mean, std, _ = m[k]
+            return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}" if m[k][2] > 1 else f"{mean * scale:{fmt}}"
+        lines.append(f"| {method} | {m['fid'][2]} | {cell('fid')} | {cell('kid', 1e3)} | {cell('energy_distance', 1.0, '.4f')} | "
+                     f"{cell('class_entropy', 1.0, '.3f')} | {cell('classes_covered', 1.0, '.1f')} | {cell('confidence', 1.0, '.3f')} |")
+    diverged = [f"{r['method']} seed {r['seed']}" for r in rows if "diverged" in r]
+    if diverged:
+        lines.append(f"\nDiverged (no samples): {', '.join(diverged)}")
+    return "\n".join(lines)
+
+
+def figure(grids: dict[str, torch.Tensor], rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastratio.images import grid
+
+    names = list(grids)
+    cols = 5
+    nrows = math.ceil((len(names) + 1) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.4 * cols, 2.6 * nrows), dpi=100)
+    axes = axes.reshape(-1)
+    for ax, name in zip(axes, names):
+        canvas = grid(grids[name])
+        ax.imshow(canvas[..., 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    ax = axes[len(names)]
+    curve = [r for r in rows if r["method"] == "dijs" and "fid" in r]
+    ns = sorted({r["best_of"] for r in curve})
+    for key, style in (("fid", "o-"), ("kid", "s--")):
+        means = [statistics.mean(r[key] for r in curve if r["best_of"] == n) for n in ns]
+        base = means[0] if means and means[0] else 1.0
+        ax.plot(ns, [m / base for m in means], style, label=f"{key.upper()} / N=1")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("candidates N (ratio-net verifier)", fontsize=7)
+    ax.set_title("DiJS best-of-N", fontsize=8)
+    ax.legend(fontsize=6)
+    for ax in axes[len(names) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=sorted(DATASETS), default="digits")
+    parser.add_argument("--budget-minutes", type=float, default=0.0, help="fit teacher, generator steps and evaluation to this wall time")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--n", type=int, default=200, help="generated images per measurement")
+    parser.add_argument("--steps", type=int, default=0, help="generator steps per run (default: the config's, or what fits the budget)")
+    parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: the config's, or a fifth of the budget)")
+    parser.add_argument("--inception", default=str(ROOT / "data" / "inception.pth"),
+                        help="torch-fidelity Inception weights (python -m fastratio.tools.convert_inception; see ../shared/DATA.md)")
+    parser.add_argument("--feature-extractor", default="inception-v3-compat")
+    parser.add_argument("--batch", type=int, default=64, help="feature-extractor batch")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "paper_claims")
+    parser.add_argument("--results", type=Path, help="default bench/results/paper_claims_<data>.json")
+    parser.add_argument("--figure", type=Path, help="default docs/paper-claims-<data>.png")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both configs (e.g. run.device=cuda)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.n < 2 or args.budget_minutes < 0:
+        raise UserError(f"--seeds >= 1, --n >= 2 and --budget-minutes >= 0 (got {args.seeds}, {args.n}, {args.budget_minutes})")
+    if args.feature_extractor != "inception-v3-compat":
+        args.inception = None
+    started = time.time()
+    device = resolve_device(args.device)
+    out = args.out_dir / args.data
+    common = ["run.progress=false", "run.plot_every=0", "run.eval_every=1000000", f"run.device={args.device}", *args.set]
+    teacher_cfg = _load_cfg(f"{DATASETS[args.data]['configs']}_teacher", args.data, common)
+    stage2 = _load_cfg(DATASETS[args.data]["configs"], args.data, common)
+    _check_files(args.data, stage2)
+
+    train_set = load_dataset(stage2.data.kind, stage2.data.path, "train")
+    test_kind, test_path = DATASETS[args.data]["test"]
+    test_set = load_dataset(test_kind, test_path or stage2.data.path, "test")
+    t = time.time()
+    judge = Judge(train_set.images, train_set.labels, test_set.images, args, device)
+    judge_rate = test_set.images.shape[0] / (time.time() - t)
+    plan = _plan(args, out, teacher_cfg, stage2, judge_rate)
+    print(f"plan: teacher {plan['teacher_steps']} steps, {plan['steps']} generator steps x {len(args.methods)} methods x {args.seeds} seeds")
+
+    teacher_cfg = _derive(teacher_cfg, [f"run.out_dir={out / 'teacher'}", f"run.steps={plan['teacher_steps']}",
+                                                                  f"run.ckpt_every={max(1, plan['teacher_steps'] // 4)}"])
+    teacher, _ = _train(teacher_cfg)
+    rows = [{"method": "real_train", "seed": 0, "best_of": 1, "n": args.n,
+             **judge.measure(train_set.images[torch.randperm(train_set.images.shape[0], generator=torch.Generator().manual_seed(0))[: args.n]])}]
+    heun = _generate(teacher, args.n, 0, device, steps=teacher_cfg.teacher.sample_steps)
+    rows.append({"method": "teacher_heun", "seed": 0, "best_of": 1, "n": args.n, "nfe": 2 * teacher_cfg.teacher.sample_steps - 1, **judge.measure(heun)})
+    grids = {"real (train)": train_set.images[:64], f"teacher, {rows[-1]['nfe']} NFE": heun[:64]}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            cfg = _derive(stage2, METHODS[method] + [
+                f"teacher.checkpoint={teacher}", f"run.out_dir={out / f'{method}-seed{seed}'}", f"run.seed={seed}",
+                f"run.steps={plan['steps']}", f"run.ckpt_every={max(1, plan['steps'] // 4)}"])
+            t = time.time()
+            ckpt, diverged = _train(cfg)
+            row = {"method": method, "seed": seed, "best_of": 1, "n": args.n, "steps": plan["steps"],
+                   "images_seen": plan["steps"] * cfg.optim.batch_size, "train_seconds": round(time.time() - t, 1)}
+            if ckpt is None:
+                rows.append({**row, "diverged": diverged})
+                print(f"{method} seed {seed}: diverged ({diverged})")
+                continue
+            images = _generate(ckpt, args.n, 1000 + seed, device)
+            rows.append({**row, **judge.measure(images)})
+            print(f"{method} seed {seed}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}, ED {rows[-1]['energy_distance']:.4f}")
+            if seed == 0:
+                grids[method] = images[:64]
+            if method == "dijs" and seed == 0:
+                for n_cand in BEST_OF:
+                    chosen = _generate(ckpt, args.n, 1000 + seed, device, best_of=n_cand)
+                    rows.append({**row, "best_of": n_cand, **judge.measure(chosen)})
+                    print(f"  best of {n_cand}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}")
+    result = {
+        "data": args.data, "environment": environment(device), "plan": plan, "n": args.n, "test_images": int(test_set.images.shape[0]),
+        "feature_extractor": args.feature_extractor, "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
+        "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": {m: METHODS[m] for m in args.methods},
+        "wall_minutes": round((time.time() - started) / 60, 1), "rows": rows,
+    }
+    results = args.results or ROOT / "bench" / "results" / f"paper_claims_{args.data}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(results, result)
+    figure(grids, rows, args.figure or ROOT / "docs" / f"paper-claims-{args.data}.png")
+    print(markdown(rows))
+    print(f"wrote {results} ({result['wall_minutes']} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,61 @@
+"""bench/paper_claims.py end to end on sklearn digits: two methods, a tiny budget, a tiny feature extractor."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from testkit import tiny_feature_extractor
+
+from fastratio.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _claims():
+    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "bench" / "paper_claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
+    claims = _claims()
+    args = ["--data", "digits", "--methods", "dijs", "vsd", "--seeds", "1", "--n", "48", "--budget-minutes", "0.4",
+            "--feature-extractor", tiny_feature_extractor(16), "--out-dir", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "claims.json"), "--figure", str(tmp_path / "claims.png"), "--device", "cpu"]
+    assert claims.main(args) == 0
+    result = json.loads((tmp_path / "claims.json").read_text())
+    plan = result["plan"]
+    # The budget set the plan: teacher at most a fifth of it at the measured step time, equal
+    # generator steps for both methods, multiples of 10 and at most the configs' steps.
+    assert plan["teacher_steps"] % 10 == 0 and plan["steps"] % 10 == 0 and 10 <= plan["steps"] <= 1000
+    assert plan["teacher_steps"] * plan["seconds_per_step"]["teacher"] <= 0.2 * 0.4 * 60 or plan["teacher_steps"] == 10
+    rows = {(r["method"], r["best_of"]): r for r in result["rows"]}
+    assert set(rows) == {("real_train", 1), ("teacher_heun", 1), ("dijs", 1), ("vsd", 1), ("dijs", 2), ("dijs", 4), ("dijs", 8), ("dijs", 16)}
+    assert rows[("dijs", 1)]["images_seen"] == rows[("vsd", 1)]["images_seen"] == plan["steps"] * 128
+    assert rows[("teacher_heun", 1)]["nfe"] == 35 and result["test_images"] == 360
+    for row in result["rows"]:
+        assert row["fid"] >= 0 and row["kid_std"] >= 0 and 0 <= row["class_entropy"] <= 2.31 and 1 <= row["classes_covered"] <= 10
+    # Real train images are the yardstick: closer to the test split than a briefly trained generator.
+    assert rows[("real_train", 1)]["energy_distance"] < rows[("dijs", 1)]["energy_distance"]
+    assert rows[("real_train", 1)]["classes_covered"] == 10 and result["classifier_test_accuracy"] > 0.8
+    assert (tmp_path / "claims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "| dijs | 1 |" in table and "| vsd | 1 |" in table
+
+    # A rerun reuses the plan and the finished runs: same rows, no training.
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")}
+    assert claims.main(args) == 0
+    again = json.loads((tmp_path / "claims.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")} == ckpts
+    strip = ("train_seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in again["rows"]] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in result["rows"]]
+
+
+def test_paper_claims_missing_data_file_is_one_line(tmp_path):
+    claims = _claims()
+    missing = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    with pytest.raises(UserError, match=f"{missing} not found; put MNIST's IDX files"):
+        claims.main(["--data", "mnist", "--out-dir", str(tmp_path), "--set", f"data.path={missing}"])
