@@ -241,6 +241,66 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _compare(summary: dict, a: str, b: str, key: str = "fid") -> tuple[str, str]:
+    """(verdict, evidence) for "a has a lower mean `key` than b": confirmed or reversed when the means
+    differ by more than the two seed standard deviations together, else inconclusive."""
+    if a not in summary or b not in summary:
+        return "not measured", f"{a if a not in summary else b} has no samples (diverged or not run)"
+    (ma, sa, na), (mb, sb, nb) = summary[a][key], summary[b][key]
+    scale, label = (1e3, "KID x1e3") if key == "kid" else (1.0, key.upper())
+    evidence = (f"{label} {a} {ma * scale:.2f} ± {sa * scale:.2f} vs {b} {mb * scale:.2f} ± {sb * scale:.2f} "
+                f"({min(na, nb)} seed{'s' * (min(na, nb) > 1)})")
+    if ma + sa < mb - sb:
+        return "confirmed", evidence
+    if ma - sa > mb + sb:
+        return "not confirmed (reversed)", evidence
+    return "inconclusive within seed spread", evidence
+
+
+def _compare_both(summary: dict, a: str, b: str) -> tuple[str, str]:
+    """FID and KID must agree for a verdict; otherwise it is reported as mixed."""
+    (fid_v, fid_e), (kid_v, kid_e) = _compare(summary, a, b, "fid"), _compare(summary, a, b, "kid")
+    kid_e = kid_e.split(" (")[0]  # the seed count is in the FID half
+    verdict = fid_v if fid_v == kid_v else f"mixed (FID: {fid_v}; KID: {kid_v})"
+    return verdict, f"{fid_e}; {kid_e}"
+
+
+def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The papers' claims judged mechanically from the rows: (claim, verdict, evidence)."""
+    summary = _summary(rows)
+    out = [("(1a) DiJS beats DiKL", *_compare_both(summary, "dijs", "dikl")),
+           ("(1b) DiKL beats DiRM", *_compare_both(summary, "dikl", "dirm")),
+           ("(2) ratio (DiJS) beats two scores (VSD)", *_compare_both(summary, "dijs", "vsd")),
+           ("(3) teacher init beats random init", *_compare_both(summary, "dijs", "dijs_random_init")),
+           ("(4) Di-Bregman SBA (lambda 5) beats reverse KL (VSD)", *_compare_both(summary, "dibregman_sba5", "vsd")),
+           ("(extra) ratio net from the teacher's encoder beats from scratch", *_compare_both(summary, "dijs", "dijs_ratio_scratch"))]
+    by_n = {r["best_of"]: r for r in rows if r["method"] == "dijs" and r["seed"] == 0 and "fid" in r}
+    if 1 in by_n and max(by_n) > 1:
+        one, best = by_n[1], by_n[max(by_n)]
+        fids = ", ".join(f"N={n} {by_n[n]['fid']:.2f}" for n in sorted(by_n))
+        # One seed: KID's spread over feature subsets is the yardstick.
+        better = best["kid"] + best["kid_std"] < one["kid"] - one["kid_std"]
+        worse = best["kid"] - best["kid_std"] > one["kid"] + one["kid_std"]
+        verdict = "confirmed" if better else "not confirmed (reversed)" if worse else "inconclusive within KID spread"
+        out.append(("(5) verifier: best-of-N improves the one-step model", verdict,
+                    f"FID {fids}; KID x1e3 N=1 {one['kid'] * 1e3:.2f} ± {one['kid_std'] * 1e3:.2f} vs N={max(by_n)} "
+                    f"{best['kid'] * 1e3:.2f} ± {best['kid_std'] * 1e3:.2f} (seed 0)"))
+    teacher = next((r for r in rows if r["method"] == "teacher_heun"), None)
+    if teacher and "dijs" in summary:
+        mean, std, n = summary["dijs"]["fid"]
+        verdict = "confirmed" if mean - std <= teacher["fid"] else "not confirmed"
+        out.append(("(6) one step approaches the multi-step teacher", verdict,
+                    f"FID DiJS {mean:.2f} ± {std:.2f} vs teacher Heun {teacher['nfe']} NFE {teacher['fid']:.2f}; "
+                    f"real train images {summary['real_train']['fid'][0]:.2f}"))
+    return out
+
+
+def claims_markdown(rows: list[dict]) -> str:
+    lines = ["| claim | found here | evidence |", "|---|---|---|"]
+    lines += [f"| {c} | {v} | {e} |" for c, v, e in claims(rows)]
+    return "\n".join(lines)
+
+
 def figure(grids: dict[str, torch.Tensor], rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -285,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=200, help="generated images per measurement")
+    parser.add_argument("--test-n", type=int, default=0, help="compare with a fixed random subset of this many test images (0: all)")
     parser.add_argument("--steps", type=int, default=0, help="generator steps per run (default: the config's, or what fits the budget)")
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: the config's, or a fifth of the budget)")
     parser.add_argument("--inception", default=str(ROOT / "data" / "inception.pth"),
@@ -312,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     train_set = load_dataset(stage2.data.kind, stage2.data.path, "train")
     test_kind, test_path = DATASETS[args.data]["test"]
     test_set = load_dataset(test_kind, test_path or stage2.data.path, "test")
+    if args.test_n and test_set.images.shape[0] > args.test_n:  # a fixed random subset, the same for every row
+        keep = torch.randperm(test_set.images.shape[0], generator=torch.Generator().manual_seed(0))[: args.test_n]
+        test_set.images, test_set.labels = test_set.images[keep], test_set.labels[keep]
     t = time.time()
     judge = Judge(train_set.images, train_set.labels, test_set.images, args, device)
     judge_rate = test_set.images.shape[0] / (time.time() - t)
@@ -354,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         "feature_extractor": args.feature_extractor, "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
         "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": {m: METHODS[m] for m in args.methods},
         "wall_minutes": round((time.time() - started) / 60, 1), "rows": rows,
+        "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in claims(rows)],
     }
     results = args.results or ROOT / "bench" / "results" / f"paper_claims_{args.data}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     _write_json(results, result)
     figure(grids, rows, args.figure or ROOT / "docs" / f"paper-claims-{args.data}.png")
     print(markdown(rows))
+    print()
+    print(claims_markdown(rows))
     print(f"wrote {results} ({result['wall_minutes']} min)")
     return 0
 

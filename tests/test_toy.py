@@ -32,8 +32,32 @@ def _grid(half_width=6.0, n=501):
 def test_noised_density_integrates_to_one(name):
     points, cell = _grid()
     sigma = torch.full((points.shape[0],), 0.3, dtype=torch.float64)
-    mass = float(toy.MIXTURES[name]().log_prob(points, sigma).exp().sum() * cell)
+    mass = float(toy.MIXTURES[name]().standardized().log_prob(points, sigma).exp().sum() * cell)
     assert mass == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(toy.MIXTURES))
+def test_standardized_mixture_has_zero_mean_and_unit_variance(name):
+    mix = toy.MIXTURES[name]()
+    std = mix.standardized()
+    x = std.sample(400_000, torch.Generator().manual_seed(0))
+    assert x.mean(0).abs().max() < 0.01 and float(x.var(0).mean()) == pytest.approx(1.0, abs=0.01)
+    # One isotropic factor: the same shapes, angles and weights.
+    scale = float(torch.sqrt(mix.covs[0].trace() / std.covs[0].trace()))
+    torch.testing.assert_close(std.covs * scale**2, mix.covs)
+    torch.testing.assert_close(std.means * scale + (mix.weights @ mix.means), mix.means)
+    assert torch.equal(std.weights, mix.weights)
+
+
+def test_mode_mass_total_variation():
+    mix = toy.spiral6().standardized()
+    g = torch.Generator().manual_seed(0)
+    exact = toy.mode_coverage(mix.sample(20000, g), mix)
+    assert exact["modes_covered"] == 6 and exact["mass_tv"] < 0.01
+    # All samples from the heaviest mode (weight 0.3): 0.7 of the mass is misplaced.
+    one = mix.means[0] + 0.01 * torch.randn(1000, 2, generator=g, dtype=torch.float64)
+    got = toy.mode_coverage(one, mix)
+    assert got["modes_covered"] == 1 and got["mass_tv"] == pytest.approx(0.7)
 
 
 def test_mixture_generator_law_is_its_mixture():

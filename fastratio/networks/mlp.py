@@ -43,24 +43,36 @@ class MLPGenerator(nn.Module):
         return z[:, : self.out_dim] + self.net(z)
 
 
+# Octaves of sin/cos features of the (preconditioned) input, pi 2^k x for k < X_OCTAVES: an MLP on raw
+# coordinates resolves structure finer than about a tenth of the data's scale only after many steps
+# (spectral bias). Without them the toy teacher's noise prediction was 61% wrong at sigma = 0.02 on
+# spiral6's 0.016-wide components (38% at 0.05), and the ratio net sat at chance for its first
+# ~400 steps there.
+X_OCTAVES = 6
+
+
 class SigmaMLP(nn.Module):
     """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio and score nets.
     The toy task is unconditional: the class/augmentation label arguments of the image nets are
     accepted for a common call signature and unused."""
 
-    def __init__(self, dim: int, out_dim: int, hidden: int, depth: int, sigma_data: float, schedule: str, n_freq: int = 8):
+    def __init__(self, dim: int, out_dim: int, hidden: int, depth: int, sigma_data: float, schedule: str, n_freq: int = 8,
+                 n_xfreq: int = X_OCTAVES):
         super().__init__()
         self.sigma_data = sigma_data
         self.schedule = schedule
         # Fixed log-spaced frequencies: c_noise spans about [-1.5, 0.5] over the sigma range we train on.
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 4)
-        self.net = _mlp(dim + 2 * n_freq, hidden, depth, out_dim)
+        self.register_buffer("xfreqs", math.pi * 2.0 ** torch.arange(n_xfreq, dtype=torch.float32))
+        self.net = _mlp(dim * (1 + 2 * n_xfreq) + 2 * n_freq, hidden, depth, out_dim)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
         alpha, std = noise_coefficients(sigma, self.schedule)
         c_in = torch.rsqrt((alpha * self.sigma_data) ** 2 + std**2)
         angles = (torch.log(sigma) / 4)[:, None] * self.freqs.to(x.dtype)
-        h = torch.cat([c_in[:, None] * x, torch.sin(angles), torch.cos(angles)], dim=1)
+        x_in = c_in[:, None] * x
+        x_angles = (x_in[:, :, None] * self.xfreqs.to(x.dtype)).flatten(1)
+        h = torch.cat([x_in, torch.sin(x_angles), torch.cos(x_angles), torch.sin(angles), torch.cos(angles)], dim=1)
         return self.net(h)
 
 
