@@ -41,20 +41,18 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fastratio import checkpoint, config  # noqa: E402
-from fastratio.atomic import atomic_write  # noqa: E402
-from fastratio.data.formats import load_dataset  # noqa: E402
-from fastratio.errors import UserError, run_cli  # noqa: E402
-from fastratio.evaluate import image_features  # noqa: E402
-from fastratio.guard import TrainingDiverged  # noqa: E402
-from fastratio.images import to_uint8  # noqa: E402
-from fastratio.runinfo import environment  # noqa: E402
-from fastratio.runlog import read_jsonl  # noqa: E402
-from fastratio.sample import load_model, load_verifier, sample  # noqa: E402
-from fastratio.toy import energy_distance  # noqa: E402
-from fastratio.train import resolve_device, train  # noqa: E402
+from fastratio import checkpoint, config
+from fastratio.atomic import atomic_write
+from fastratio.data.formats import load_dataset
+from fastratio.errors import UserError, run_cli
+from fastratio.evaluate import image_features
+from fastratio.guard import TrainingDiverged
+from fastratio.images import to_uint8
+from fastratio.runinfo import environment
+from fastratio.runlog import read_jsonl
+from fastratio.sample import load_model, load_verifier, sample
+from fastratio.toy import energy_distance
+from fastratio.train import resolve_device, train
 
 # name -> config overrides; every method starts from the same teacher and trains the same steps.
 METHODS = {
@@ -70,7 +68,8 @@ METHODS = {
 }
 BEST_OF = (2, 4, 8, 16)
 
-# data -> (train images, test images); the configs name the train file, the test file sits beside it.
+# data -> the config pair configs/<configs>{_teacher,}.yaml (their data.path is the train file, unless
+# "train" replaces it), the held-out test images (kind, path), and how to get missing files.
 DATASETS = {
     "digits": {"configs": "digits", "test": ("digits", "")},
     "fashion_mnist": {"configs": "fashion_mnist", "test": ("idx", "data/fashion-mnist/t10k-images-idx3-ubyte.gz"),
@@ -126,8 +125,8 @@ def _train(cfg: config.Config) -> tuple[Path | None, str]:
 
 def _seconds_per_step(cfg: config.Config, work: Path) -> float:
     """Wall seconds of one step of this config, from a 6-step run (steps 4-6 timed by the loop)."""
-    probe = _derive(cfg, [f"run.out_dir={work}", "run.steps=6", "run.log_every=3",
-                                                   "run.ckpt_every=6", "run.eval_every=1000000", "run.plot_every=0"])
+    probe = _derive(cfg, [f"run.out_dir={work}", "run.steps=6", "run.log_every=3", "run.ckpt_every=6",
+                          "run.eval_every=1000000", "run.plot_every=0"])
     if not _finished(work, 6):
         train(probe, resume="auto" if checkpoint.list_checkpoints(work) else None)
     return cfg.optim.batch_size / read_jsonl(work / "metrics.jsonl")[-1]["images_per_s"]
@@ -179,10 +178,60 @@ class Judge:
         }
 
 
-def _generate(ckpt: Path, n: int, seed: int, device, steps: int = 18, best_of: int = 1) -> torch.Tensor:
-    model, state = load_model(ckpt, device)
-    verifier = load_verifier(state, ckpt, device) if best_of > 1 else None
-    chunks = [sample(model, min(256, n - i), seed * 1_000_003 + i, device, None, steps, verifier, best_of) for i in range(0, n, 256)]
+MEASURES = ("fid", "kid", "kid_std", "energy_distance", "class_entropy", "classes_covered", "confidence")
+
+
+def _row_name(row: dict) -> str:
+    if row["method"] in ("real_train", "teacher_heun", "generator_init"):
+        return row["method"]
+    return f"{row['method']}-seed{row['seed']}" + (f"-best{row['best_of']}" if row["best_of"] > 1 else "")
+
+
+class MeasureCache:
+    """The measures of each image set, kept in ``path`` as they are made, so a rerun (or a run
+    resumed after a kill) measures only what is missing; keyed by name under one signature."""
+
+    def __init__(self, path: Path, signature: dict, judge: Judge, results: Path | None = None):
+        self.path, self.signature, self.judge = path, signature, judge
+        signature = json.loads(json.dumps(signature))
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        self.values = stored.get("values", {}) if stored.get("signature") == signature else {}
+        if not self.values and results is not None and results.is_file():  # a results file of the same plan
+            old = json.loads(results.read_text())
+            if {"plan": old.get("plan"), "n": old.get("n"), "test_n": old.get("test_n", 0), "features": old.get("feature_extractor")} == signature:
+                self.values = {_row_name(r): {k: r[k] for k in MEASURES} for r in old["rows"] if "fid" in r}
+
+    def measure(self, name: str, images: torch.Tensor) -> dict:
+        if name not in self.values:
+            self.values[name] = self.judge.measure(images)
+            _write_json(self.path, {"signature": self.signature, "values": self.values})
+        return self.values[name]
+
+
+def _previous_invocations(results: Path, plan: dict) -> list[dict]:
+    if not results.is_file():
+        return []
+    old = json.loads(results.read_text())
+    if old.get("plan") != json.loads(json.dumps(plan)):
+        return []
+    return old.get("invocations") or [{"finished": "", "wall_minutes": old["wall_minutes"]}]
+
+
+def _initial_generator(cfg: config.Config, device) -> torch.nn.Module:
+    from fastratio.tasks import build_task
+
+    return build_task(cfg, device).build_networks().generator.eval()
+
+
+def _generate(model, n: int, seed: int, device, steps: int = 18, best_of: int = 1) -> torch.Tensor:
+    """uint8 samples of a checkpoint (its EMA network) or of a module."""
+    verifier = None
+    if isinstance(model, Path):
+        ckpt = model
+        model, state = load_model(ckpt, device)
+        verifier = load_verifier(state, ckpt, device) if best_of > 1 else None
+    with torch.no_grad():
+        chunks = [sample(model, min(256, n - i), seed * 1_000_003 + i, device, None, steps, verifier, best_of) for i in range(0, n, 256)]
     return to_uint8(torch.cat(chunks)).cpu()
 
 
@@ -229,12 +278,13 @@ def _summary(rows: list[dict]) -> dict[str, dict]:
 def markdown(rows: list[dict]) -> str:
     summary = _summary(rows)
     lines = ["| method | seeds | FID | KID x1e3 | energy distance | class entropy | classes | confidence |", "|---|---|---|---|---|---|---|---|"]
+    def cell(m: dict, k: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+        mean, std, count = m[k]
+        return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}" if count > 1 else f"{mean * scale:{fmt}}"
+
     for method, m in summary.items():
-        def cell(k, scale=1.0, fmt=".2f"):
-            mean, std, _ = m[k]
-            return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}" if m[k][2] > 1 else f"{mean * scale:{fmt}}"
-        lines.append(f"| {method} | {m['fid'][2]} | {cell('fid')} | {cell('kid', 1e3)} | {cell('energy_distance', 1.0, '.4f')} | "
-                     f"{cell('class_entropy', 1.0, '.3f')} | {cell('classes_covered', 1.0, '.1f')} | {cell('confidence', 1.0, '.3f')} |")
+        lines.append(f"| {method} | {m['fid'][2]} | {cell(m, 'fid')} | {cell(m, 'kid', 1e3)} | {cell(m, 'energy_distance', 1.0, '.4f')} | "
+                     f"{cell(m, 'class_entropy', 1.0, '.3f')} | {cell(m, 'classes_covered', 1.0, '.1f')} | {cell(m, 'confidence', 1.0, '.3f')} |")
     diverged = [f"{r['method']} seed {r['seed']}" for r in rows if "diverged" in r]
     if diverged:
         lines.append(f"\nDiverged (no samples): {', '.join(diverged)}")
@@ -273,7 +323,8 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
            ("(2) ratio (DiJS) beats two scores (VSD)", *_compare_both(summary, "dijs", "vsd")),
            ("(3) teacher init beats random init", *_compare_both(summary, "dijs", "dijs_random_init")),
            ("(4) Di-Bregman SBA (lambda 5) beats reverse KL (VSD)", *_compare_both(summary, "dibregman_sba5", "vsd")),
-           ("(extra) ratio net from the teacher's encoder beats from scratch", *_compare_both(summary, "dijs", "dijs_ratio_scratch"))]
+           ("(extra) ratio net from the teacher's encoder beats from scratch", *_compare_both(summary, "dijs", "dijs_ratio_scratch")),
+           ("(sanity) DiJS improves on its starting point (step 0)", *_compare_both(summary, "dijs", "generator_init"))]
     by_n = {r["best_of"]: r for r in rows if r["method"] == "dijs" and r["seed"] == 0 and "fid" in r}
     if 1 in by_n and max(by_n) > 1:
         one, best = by_n[1], by_n[max(by_n)]
@@ -283,15 +334,15 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
         worse = best["kid"] - best["kid_std"] > one["kid"] + one["kid_std"]
         verdict = "confirmed" if better else "not confirmed (reversed)" if worse else "inconclusive within KID spread"
         out.append(("(5) verifier: best-of-N improves the one-step model", verdict,
-                    f"FID {fids}; KID x1e3 N=1 {one['kid'] * 1e3:.2f} ± {one['kid_std'] * 1e3:.2f} vs N={max(by_n)} "
-                    f"{best['kid'] * 1e3:.2f} ± {best['kid_std'] * 1e3:.2f} (seed 0)"))
+                    (f"FID {fids}; KID x1e3 N=1 {one['kid'] * 1e3:.2f} ± {one['kid_std'] * 1e3:.2f} vs N={max(by_n)} "
+                     f"{best['kid'] * 1e3:.2f} ± {best['kid_std'] * 1e3:.2f} (seed 0)")))
     teacher = next((r for r in rows if r["method"] == "teacher_heun"), None)
     if teacher and "dijs" in summary:
-        mean, std, n = summary["dijs"]["fid"]
+        mean, std, _ = summary["dijs"]["fid"]
         verdict = "confirmed" if mean - std <= teacher["fid"] else "not confirmed"
         out.append(("(6) one step approaches the multi-step teacher", verdict,
-                    f"FID DiJS {mean:.2f} ± {std:.2f} vs teacher Heun {teacher['nfe']} NFE {teacher['fid']:.2f}; "
-                    f"real train images {summary['real_train']['fid'][0]:.2f}"))
+                    (f"FID DiJS {mean:.2f} ± {std:.2f} vs teacher Heun {teacher['nfe']} NFE {teacher['fid']:.2f}; "
+                     f"real train images {summary['real_train']['fid'][0]:.2f}")))
     return out
 
 
@@ -320,7 +371,7 @@ def figure(grids: dict[str, torch.Tensor], rows: list[dict], path: Path) -> None
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     ax = axes[len(names)]
-    curve = [r for r in rows if r["method"] == "dijs" and "fid" in r]
+    curve = [r for r in rows if r["method"] == "dijs" and r["seed"] == 0 and "fid" in r]  # best-of-N ran on seed 0
     ns = sorted({r["best_of"] for r in curve})
     for key, style in (("fid", "o-"), ("kid", "s--")):
         means = [statistics.mean(r[key] for r in curve if r["best_of"] == n) for n in ns]
@@ -328,7 +379,7 @@ def figure(grids: dict[str, torch.Tensor], rows: list[dict], path: Path) -> None
         ax.plot(ns, [m / base for m in means], style, label=f"{key.upper()} / N=1")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("candidates N (ratio-net verifier)", fontsize=7)
-    ax.set_title("DiJS best-of-N", fontsize=8)
+    ax.set_title("DiJS best-of-N (seed 0)", fontsize=8)
     ax.legend(fontsize=6)
     for ax in axes[len(names) + 1:]:
         ax.axis("off")
@@ -354,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="feature-extractor batch")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "paper_claims")
     parser.add_argument("--results", type=Path, help="default bench/results/paper_claims_<data>.json")
-    parser.add_argument("--figure", type=Path, help="default docs/paper-claims-<data>.png")
+    parser.add_argument("--figure", type=Path, help="default docs/paper-claims.png (digits), docs/paper-claims-<data>.png")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override both configs (e.g. run.device=cuda)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--report", action="store_true", help="print the tables of the existing results file and stop")
     args = parser.parse_args(argv)
+    results = args.results or ROOT / "bench" / "results" / f"paper_claims_{args.data}.json"
+    if args.report:
+        if not results.is_file():
+            raise UserError(f"--report: {results} not found; run without --report first")
+        rows = json.loads(results.read_text())["rows"]
+        print(markdown(rows) + "\n\n" + claims_markdown(rows))
+        return 0
     if args.seeds < 1 or args.n < 2 or args.budget_minutes < 0:
         raise UserError(f"--seeds >= 1, --n >= 2 and --budget-minutes >= 0 (got {args.seeds}, {args.n}, {args.budget_minutes})")
     if args.feature_extractor != "inception-v3-compat":
@@ -383,13 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: teacher {plan['teacher_steps']} steps, {plan['steps']} generator steps x {len(args.methods)} methods x {args.seeds} seeds")
 
     teacher_cfg = _derive(teacher_cfg, [f"run.out_dir={out / 'teacher'}", f"run.steps={plan['teacher_steps']}",
-                                                                  f"run.ckpt_every={max(1, plan['teacher_steps'] // 4)}"])
+                                        f"run.ckpt_every={max(1, plan['teacher_steps'] // 4)}"])
     teacher, _ = _train(teacher_cfg)
-    rows = [{"method": "real_train", "seed": 0, "best_of": 1, "n": args.n,
-             **judge.measure(train_set.images[torch.randperm(train_set.images.shape[0], generator=torch.Generator().manual_seed(0))[: args.n]])}]
+    cache = MeasureCache(out / "measures.json", {"plan": plan, "n": args.n, "test_n": args.test_n, "features": args.feature_extractor},
+                         judge, results)
+    real = train_set.images[torch.randperm(train_set.images.shape[0], generator=torch.Generator().manual_seed(0))[: args.n]]
+    rows = [{"method": "real_train", "seed": 0, "best_of": 1, "n": args.n, **cache.measure("real_train", real)}]
     heun = _generate(teacher, args.n, 0, device, steps=teacher_cfg.teacher.sample_steps)
-    rows.append({"method": "teacher_heun", "seed": 0, "best_of": 1, "n": args.n, "nfe": 2 * teacher_cfg.teacher.sample_steps - 1, **judge.measure(heun)})
-    grids = {"real (train)": train_set.images[:64], f"teacher, {rows[-1]['nfe']} NFE": heun[:64]}
+    rows.append({"method": "teacher_heun", "seed": 0, "best_of": 1, "n": args.n, "nfe": 2 * teacher_cfg.teacher.sample_steps - 1,
+                 **cache.measure("teacher_heun", heun)})
+    # Where every teacher-initialised method starts: g(z) = D(sigma_init z; sigma_init), no step taken.
+    init = _initial_generator(_derive(stage2, [f"teacher.checkpoint={teacher}"]), device)
+    start = _generate(init, args.n, 1000, device)
+    rows.append({"method": "generator_init", "seed": 0, "best_of": 1, "n": args.n, "steps": 0, **cache.measure("generator_init", start)})
+    grids = {"real (train)": train_set.images[:64], f"teacher, {rows[1]['nfe']} NFE": heun[:64], "generator at step 0": start[:64]}
     for seed in range(args.seeds):
         for method in args.methods:
             cfg = _derive(stage2, METHODS[method] + [
@@ -404,30 +470,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method} seed {seed}: diverged ({diverged})")
                 continue
             images = _generate(ckpt, args.n, 1000 + seed, device)
-            rows.append({**row, **judge.measure(images)})
+            rows.append({**row, **cache.measure(_row_name(row), images)})
             print(f"{method} seed {seed}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}, ED {rows[-1]['energy_distance']:.4f}")
             if seed == 0:
                 grids[method] = images[:64]
             if method == "dijs" and seed == 0:
                 for n_cand in BEST_OF:
                     chosen = _generate(ckpt, args.n, 1000 + seed, device, best_of=n_cand)
-                    rows.append({**row, "best_of": n_cand, **judge.measure(chosen)})
+                    rows.append({**row, "best_of": n_cand, **cache.measure(_row_name({**row, "best_of": n_cand}), chosen)})
                     print(f"  best of {n_cand}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}")
     result = {
-        "data": args.data, "environment": environment(device), "plan": plan, "n": args.n, "test_images": int(test_set.images.shape[0]),
+        "data": args.data, "argv": sys.argv[1:] if argv is None else argv, "environment": environment(device), "plan": plan, "n": args.n, "test_n": args.test_n,
+        "test_images": int(test_set.images.shape[0]),
         "feature_extractor": args.feature_extractor, "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
         "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": {m: METHODS[m] for m in args.methods},
-        "wall_minutes": round((time.time() - started) / 60, 1), "rows": rows,
+        # Every invocation on this plan, oldest first (a rerun reuses runs and measures: minutes, not an hour).
+        "invocations": _previous_invocations(results, plan) + [{"finished": time.strftime("%Y-%m-%d %H:%M"),
+                                                                 "wall_minutes": round((time.time() - started) / 60, 1)}],
+        "rows": rows,
         "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in claims(rows)],
     }
-    results = args.results or ROOT / "bench" / "results" / f"paper_claims_{args.data}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     _write_json(results, result)
-    figure(grids, rows, args.figure or ROOT / "docs" / f"paper-claims-{args.data}.png")
+    figure(grids, rows, args.figure or ROOT / "docs" / ("paper-claims.png" if args.data == "digits" else f"paper-claims-{args.data}.png"))
     print(markdown(rows))
     print()
     print(claims_markdown(rows))
-    print(f"wrote {results} ({result['wall_minutes']} min)")
+    print(f"wrote {results} ({result['invocations'][-1]['wall_minutes']} min)")
     return 0
 
 

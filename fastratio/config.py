@@ -28,7 +28,7 @@ OBJECTIVES = ("dikl", "dijs", "dirm", "lr", "kl", "be", "ls", "sba")
 METHODS = ("diffratio", "vsd", "dibregman", "teacher")
 SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
 SCHEDULES = ("ve", "vp")
-WEIGHTINGS = ("sigma2", "sigma", "none", "edm")
+WEIGHTINGS = ("sigma2", "none", "edm")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3", "spiral6", "petals12", "grid20", "rings25")
 DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
 ARCHS = ("mlp", "ddpmpp", "adm", "edm2")
@@ -62,7 +62,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     kind: str = "toy2d"  # toy2d (closed-form 2-D mixtures) | cifar10 | folder | idx | npz | digits (fastratio.datasets)
-    mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3
+    mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3 | spiral6 | petals12 | grid20 | rings25 (fastratio.toy.MIXTURES)
     eval_samples: int = 2000  # samples drawn for evaluation metrics
     path: str = ""  # images: dataset file or folder (cifar-10-python.tar.gz, zip/folder, *-images-idx3-ubyte.gz, .npz)
     split: str = "train"  # cifar10, digits: train | test (digits: the first 1,437 / the last 360)

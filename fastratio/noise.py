@@ -52,11 +52,9 @@ def add_noise(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, schedule
 
 
 def loss_weight(sigma: torch.Tensor, kind: str, sigma_data: float = 1.0) -> torch.Tensor:
-    """w(sigma) [B]: sigma^2 (the papers' choice), sigma, 1, or EDM's lambda(sigma)."""
+    """w(sigma) [B]: sigma^2 (the papers' choice for the generator), 1, or EDM's lambda(sigma)."""
     if kind == "sigma2":
         return sigma**2
-    if kind == "sigma":  # w (s_q - s_p) = (eps_p - eps_q): bounded noise-prediction differences at every sigma
-        return sigma.clone()
     if kind == "none":
         return torch.ones_like(sigma)
     if kind == "edm":

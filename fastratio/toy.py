@@ -45,16 +45,6 @@ class GaussianMixture:
         covs = alpha[:, None, None, None] ** 2 * self.covs + std[:, None, None, None] ** 2 * eye  # [B, K, D, D]
         return means, covs
 
-    def standardized(self) -> GaussianMixture:
-        """The same mixture moved to zero mean and scaled to unit variance per coordinate on average
-        (one isotropic factor, so shapes and angles are kept): what the networks' preconditioning
-        assumes (sigma_data = 1), as image pixels are mapped to [-1, 1]."""
-        mean = self.weights @ self.means
-        centred = self.means - mean
-        second = (self.weights[:, None, None] * (self.covs + centred[:, :, None] * centred[:, None, :])).sum(0)
-        scale = float(torch.sqrt(torch.trace(second) / self.dim))
-        return GaussianMixture(centred / scale, self.covs / scale**2, self.weights)
-
     def log_prob_and_score(
         self, x: torch.Tensor, sigma: torch.Tensor, schedule: str = "ve"
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,8 @@ def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
     assert plan["teacher_steps"] % 10 == 0 and plan["steps"] % 10 == 0 and 10 <= plan["steps"] <= 1000
     assert plan["teacher_steps"] * plan["seconds_per_step"]["teacher"] <= 0.2 * 0.4 * 60 or plan["teacher_steps"] == 10
     rows = {(r["method"], r["best_of"]): r for r in result["rows"]}
-    assert set(rows) == {("real_train", 1), ("teacher_heun", 1), ("dijs", 1), ("vsd", 1), ("dijs", 2), ("dijs", 4), ("dijs", 8), ("dijs", 16)}
+    assert set(rows) == {("real_train", 1), ("teacher_heun", 1), ("generator_init", 1), ("dijs", 1), ("vsd", 1),
+                         ("dijs", 2), ("dijs", 4), ("dijs", 8), ("dijs", 16)}
     assert rows[("dijs", 1)]["images_seen"] == rows[("vsd", 1)]["images_seen"] == plan["steps"] * 128
     assert rows[("teacher_heun", 1)]["nfe"] == 35 and result["test_images"] == 360
     for row in result["rows"]:
@@ -42,13 +43,19 @@ def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
     assert rows[("real_train", 1)]["classes_covered"] == 10 and result["classifier_test_accuracy"] > 0.8
     assert (tmp_path / "claims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "| dijs | 1 |" in table and "| vsd | 1 |" in table
+    assert "| dijs | 1 |" in table and "| vsd | 1 |" in table and "| (2) ratio (DiJS) beats two scores (VSD) |" in table
+    verdicts = {c["claim"]: c["verdict"] for c in result["claims"]}
+    assert verdicts["(1a) DiJS beats DiKL"] == "not measured"  # DiKL was not run
+    # --report prints the same tables from the results file alone.
+    assert claims.main(args + ["--report"]) == 0
+    assert capsys.readouterr().out.strip() in table
 
-    # A rerun reuses the plan and the finished runs: same rows, no training.
+    # A rerun reuses the plan, the finished runs and the measures: same rows, no training.
     ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")}
     assert claims.main(args) == 0
     again = json.loads((tmp_path / "claims.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")} == ckpts
+    assert len(again["invocations"]) == 2 and again["plan"] == plan
     strip = ("train_seconds",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in again["rows"]] == \
            [{k: v for k, v in r.items() if k not in strip} for r in result["rows"]]

@@ -9,7 +9,6 @@ import torch
 from .. import toy
 from ..atomic import atomic_write
 from ..config import Config
-from ..errors import UserError
 from ..networks.mlp import MLPGenerator, MLPRatio, MLPScore
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
@@ -20,17 +19,12 @@ _EVAL_SEED = 12345  # evaluation draws its own fixed stream: it never perturbs t
 class Toy2DTask:
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
-        # Standardised: the nets' preconditioning (sigma_data = 1) and the sigma range are then relative
-        # to the data, whatever the scale the mixture was written at (a 4x wider mixture otherwise
-        # sees 4x less noise at sigma_max and its thin components fall below sigma_min).
-        self.mixture = toy.MIXTURES[cfg.data.mixture]().standardized()
+        self.mixture = toy.MIXTURES[cfg.data.mixture]()
         self.mixture_dev = self.mixture.to(device, torch.float32)
 
     def build_networks(self) -> Networks:
         m, schedule, dim = self.cfg.model, self.cfg.noise.schedule, self.mixture.dim
         method = self.cfg.method.name
-        if m.latent_dim < dim:
-            raise UserError(f"model.latent_dim: {m.latent_dim} is below the data dimension {dim} (the generator starts as z[:, :{dim}])")
         nets = Networks(generator=MLPGenerator(m.latent_dim, dim, m.gen_hidden, m.gen_depth))
         if needs_ratio(method):
             nets.ratio = MLPRatio(dim, m.ratio_hidden, m.ratio_depth, m.sigma_data, schedule)
