@@ -8,14 +8,15 @@ method of METHODS with the hyper-parameters of ``configs/<data>.yaml`` (set once
 method changes only what names it). Every model is then measured against the held-out test split:
 
   fid, kid          torch-fidelity's FID and KID (features of --feature-extractor; Inception offline
-                    with --inception), n generated images vs the whole test split
+                    with --inception), n generated images vs the test split (or --test-n of it)
   energy_distance   pixel-space squared energy distance to the test split (exact, no features)
   class_entropy     entropy (nats; log 10 = 2.303 is uniform) of the classes a logistic regression,
   classes_covered   fitted on the train split's pixels, assigns; classes getting >= 20% of their share
   confidence        the classifier's mean top probability (low for ambiguous, blurry samples)
 
-beside the same measures of n real train images (the "real" row: what a perfect generator scores at
-this n) and of the teacher's Heun sampler (18 steps, 35 evaluations). The DiJS runs are also measured
+beside the same measures of n real train images (real_train: what a perfect generator scores at
+this n), of the teacher's Heun sampler (teacher_heun: 18 steps, 35 evaluations) and of the generator
+before its first step (generator_init). The DiJS runs are also measured
 best-of-N (N = 2, 4, 8, 16): N candidates per image, the ratio net keeps the most real one.
 
 ``--budget-minutes`` fits the plan to a wall-clock budget on this machine: the teacher gets at most a
@@ -178,9 +179,6 @@ class Judge:
         }
 
 
-MEASURES = ("fid", "kid", "kid_std", "energy_distance", "class_entropy", "classes_covered", "confidence")
-
-
 def _row_name(row: dict) -> str:
     if row["method"] in ("real_train", "teacher_heun", "generator_init"):
         return row["method"]
@@ -191,15 +189,10 @@ class MeasureCache:
     """The measures of each image set, kept in ``path`` as they are made, so a rerun (or a run
     resumed after a kill) measures only what is missing; keyed by name under one signature."""
 
-    def __init__(self, path: Path, signature: dict, judge: Judge, results: Path | None = None):
+    def __init__(self, path: Path, signature: dict, judge: Judge):
         self.path, self.signature, self.judge = path, signature, judge
-        signature = json.loads(json.dumps(signature))
         stored = json.loads(path.read_text()) if path.is_file() else {}
-        self.values = stored.get("values", {}) if stored.get("signature") == signature else {}
-        if not self.values and results is not None and results.is_file():  # a results file of the same plan
-            old = json.loads(results.read_text())
-            if {"plan": old.get("plan"), "n": old.get("n"), "test_n": old.get("test_n", 0), "features": old.get("feature_extractor")} == signature:
-                self.values = {_row_name(r): {k: r[k] for k in MEASURES} for r in old["rows"] if "fid" in r}
+        self.values = stored.get("values", {}) if stored.get("signature") == json.loads(json.dumps(signature)) else {}
 
     def measure(self, name: str, images: torch.Tensor) -> dict:
         if name not in self.values:
@@ -214,7 +207,7 @@ def _previous_invocations(results: Path, plan: dict) -> list[dict]:
     old = json.loads(results.read_text())
     if old.get("plan") != json.loads(json.dumps(plan)):
         return []
-    return old.get("invocations") or [{"finished": "", "wall_minutes": old["wall_minutes"]}]
+    return old.get("invocations", [])
 
 
 def _initial_generator(cfg: config.Config, device) -> torch.nn.Module:
@@ -293,13 +286,16 @@ def markdown(rows: list[dict]) -> str:
 
 def _compare(summary: dict, a: str, b: str, key: str = "fid") -> tuple[str, str]:
     """(verdict, evidence) for "a has a lower mean `key` than b": confirmed or reversed when the means
-    differ by more than the two seed standard deviations together, else inconclusive."""
+    differ by more than the two seed standard deviations together, else inconclusive; with a single
+    seed no verdict, only which is lower."""
     if a not in summary or b not in summary:
         return "not measured", f"{a if a not in summary else b} has no samples (diverged or not run)"
     (ma, sa, na), (mb, sb, nb) = summary[a][key], summary[b][key]
     scale, label = (1e3, "KID x1e3") if key == "kid" else (1.0, key.upper())
     evidence = (f"{label} {a} {ma * scale:.2f} ± {sa * scale:.2f} vs {b} {mb * scale:.2f} ± {sb * scale:.2f} "
                 f"({min(na, nb)} seed{'s' * (min(na, nb) > 1)})")
+    if min(na, nb) < 2:  # one seed has no spread: a difference is not a verdict
+        return f"1 seed, no spread ({a if ma < mb else b} lower)", evidence
     if ma + sa < mb - sb:
         return "confirmed", evidence
     if ma - sa > mb + sb:
@@ -445,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                                         f"run.ckpt_every={max(1, plan['teacher_steps'] // 4)}"])
     teacher, _ = _train(teacher_cfg)
     cache = MeasureCache(out / "measures.json", {"plan": plan, "n": args.n, "test_n": args.test_n, "features": args.feature_extractor},
-                         judge, results)
+                         judge)
     real = train_set.images[torch.randperm(train_set.images.shape[0], generator=torch.Generator().manual_seed(0))[: args.n]]
     rows = [{"method": "real_train", "seed": 0, "best_of": 1, "n": args.n, **cache.measure("real_train", real)}]
     heun = _generate(teacher, args.n, 0, device, steps=teacher_cfg.teacher.sample_steps)
