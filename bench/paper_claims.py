@@ -49,6 +49,7 @@ from fastratio.errors import UserError, run_cli
 from fastratio.evaluate import image_features
 from fastratio.guard import TrainingDiverged
 from fastratio.images import to_uint8
+from fastratio.inception import INCEPTION
 from fastratio.runinfo import environment
 from fastratio.runlog import read_jsonl
 from fastratio.sample import load_model, load_verifier, sample
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: the config's, or a fifth of the budget)")
     parser.add_argument("--inception", default=str(ROOT / "data" / "inception.pth"),
                         help="torch-fidelity Inception weights (python -m fastratio.tools.convert_inception; see ../shared/DATA.md)")
-    parser.add_argument("--feature-extractor", default="inception-v3-compat")
+    parser.add_argument("--feature-extractor", default=INCEPTION)
     parser.add_argument("--batch", type=int, default=64, help="feature-extractor batch")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "paper_claims")
     parser.add_argument("--results", type=Path, help="default bench/results/paper_claims_<data>.json")
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seeds < 1 or args.n < 2 or args.budget_minutes < 0:
         raise UserError(f"--seeds >= 1, --n >= 2 and --budget-minutes >= 0 (got {args.seeds}, {args.n}, {args.budget_minutes})")
-    if args.feature_extractor != "inception-v3-compat":
+    if args.feature_extractor != INCEPTION:
         args.inception = None
     started = time.time()
     device = resolve_device(args.device)

@@ -112,6 +112,24 @@ def test_stage2_from_the_teacher(teacher_run, fashion, tmp_path, method):
             sample_main([newest, "--n", "4", "--best-of", "3", "--out", str(out)])
 
 
+def test_stage2_ablations_start_from_fresh_weights(teacher_run, fashion, tmp_path):
+    """model.generator_from_teacher / ratio_from_teacher = false (the papers' ablations): the teacher's
+    architecture with fresh random weights, the other network still from the teacher."""
+    ckpt = checkpoint.list_checkpoints(teacher_run)[-1]
+    teacher_ema = checkpoint.load(ckpt)["ema"]
+    base = [f"run.out_dir={tmp_path}", f"data.path={fashion}", f"teacher.checkpoint={ckpt}", "model.augment_dim=9",
+            "augment.p=0.5", "data.conditional=true"]
+    nets = build_task(_load("fashion_mnist", *base, "model.generator_from_teacher=false"), torch.device("cpu")).build_networks()
+    generator = nets.generator.denoiser.state_dict()
+    assert {k: v.shape for k, v in generator.items()} == {k: v.shape for k, v in teacher_ema.items()}
+    assert not any(torch.equal(v, teacher_ema[k]) for k, v in generator.items() if k.endswith("weight") and v.dim() > 1)
+    assert all(torch.equal(v, teacher_ema["model." + k]) for k, v in nets.ratio.model.state_dict().items())
+    nets = build_task(_load("fashion_mnist", *base, "model.ratio_from_teacher=false"), torch.device("cpu")).build_networks()
+    assert all(torch.equal(v, teacher_ema[k]) for k, v in nets.generator.denoiser.state_dict().items())
+    assert not any(torch.equal(v, teacher_ema["model." + k]) for k, v in nets.ratio.model.state_dict().items()
+                   if k.endswith("weight") and v.dim() > 1)
+
+
 def test_stage2_refuses_mismatched_teacher_and_follows_its_architecture(teacher_run, fashion, tmp_path):
     ckpt = checkpoint.list_checkpoints(teacher_run)[-1]
     base = [f"run.out_dir={tmp_path}", f"data.path={fashion}", f"teacher.checkpoint={ckpt}", "run.steps=1",

@@ -164,7 +164,7 @@ class ImageTask:
         if t_kwargs.get("precond") == "EDM2Precond" and cfg.augment.p > 0:
             raise UserError("augment.p: EDM2 networks take no augmentation labels; set augment.p=0 and model.augment_dim=0")
         self.generator_kwargs = teacher.init_kwargs
-        generator = copy.deepcopy(teacher) if cfg.model.generator_from_teacher else build_denoiser(teacher.init_kwargs).to(self.device)
+        generator = copy.deepcopy(teacher) if cfg.model.generator_from_teacher else _on(build_denoiser(teacher.init_kwargs), self.device)
         generator = _without_dropout(generator).requires_grad_(True).train()
         nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init, cfg.model.checkpointing))
         if needs_ratio(method):
