@@ -79,13 +79,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    latent_dim: int = 8  # generator input z ~ N(0, I) of this size
-    gen_hidden: int = 256  # generator MLP width
-    gen_depth: int = 3  # generator hidden layers
-    ratio_hidden: int = 256  # ratio-network MLP width
-    ratio_depth: int = 3  # ratio-network hidden layers
-    score_hidden: int = 181  # score-network width (VSD baseline; about half the ratio net each)
-    score_depth: int = 3  # score-network hidden layers
+    latent_dim: int = 8  # toy, generator_from_teacher=false: generator input z ~ N(0, I) of this size (from the teacher: the data's)
+    gen_hidden: int = 256  # toy, generator_from_teacher=false: generator MLP width (from the teacher: the teacher's)
+    gen_depth: int = 3  # toy, generator_from_teacher=false: generator hidden layers
+    ratio_hidden: int = 256  # toy, ratio_from_teacher=false: ratio-network MLP width (from the teacher: the teacher's trunk)
+    ratio_depth: int = 3  # toy, ratio_from_teacher=false: ratio-network hidden layers
+    score_hidden: int = 181  # toy: score-network width (teacher, fake score, and the nets started from the teacher)
+    score_depth: int = 3  # toy: score-network hidden layers
     sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning (images: 0.5)
     arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet) | edm2 (EDM2's magnitude-preserving UNet)
     size: str = ""  # edm2: a train_edm2.py img512 preset (xxs..xxl): sets model.channels and model.dropout (and for a teacher run optim.teacher_lr), names the released teacher in teacher.checkpoint's {release}
@@ -95,9 +95,9 @@ class ModelConfig:
     attn_resolutions: list[int] = field(default_factory=lambda: [16])  # images: resolutions with self-attention
     dropout: float = 0.13  # images: dropout of the teacher (stage 1)
     augment_dim: int = 0  # images: 0, or 9 to condition on augmentation labels (EDM's CIFAR-10 checkpoints have 9)
-    sigma_init: float = 2.5  # images: generator g(z) = D(sigma_init z; sigma_init)
-    ratio_from_teacher: bool = True  # images: start the ratio encoder from the teacher's
-    generator_from_teacher: bool = True  # images: start the generator from the teacher's weights (false: fresh random weights; the papers' ablation)
+    sigma_init: float = 2.5  # generator g(z) = D(sigma_init z; sigma_init) (toy: in units of the standardised data)
+    ratio_from_teacher: bool = True  # start the ratio net from the teacher's encoder (toy: the teacher MLP's hidden layers)
+    generator_from_teacher: bool = True  # start the generator from the teacher's weights (false: fresh random weights, toy: an MLP of z; the papers' ablation)
     checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward)
 
 
@@ -106,10 +106,10 @@ class MethodConfig:
     name: str = "diffratio"  # diffratio (ratio net only) | vsd (teacher + fake score) | dibregman (both)
     objective: str = "dijs"  # generator weight: dikl | dijs | dirm | lr | kl | be | ls | sba
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
-    ratio_steps: int = 1  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
+    ratio_steps: int = 2  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
-    teacher_steps: int = 2000  # toy stage 1: denoising-score-matching steps of the teacher (vsd, dibregman)
+    teacher_steps: int = 10000  # toy stage 1: denoising-score-matching steps of the teacher
 
 
 @dataclass
@@ -143,9 +143,9 @@ class NoiseConfig:
     p_mean: float = -1.2  # lognormal: mean of log sigma
     p_std: float = 1.2  # lognormal: std of log sigma
     sigma_fixed: float = 2.5  # fixed: the single noise level
-    sigma_min: float = 0.02  # loguniform/uniform: lower bound
-    sigma_max: float = 3.0  # loguniform/uniform: upper bound
-    weighting: str = "none"  # w(sigma): sigma2 (the papers, images) | none (toy: keeps low-sigma detail) | edm
+    sigma_min: float = 0.01  # loguniform/uniform: lower bound
+    sigma_max: float = 1.0  # loguniform/uniform: upper bound
+    weighting: str = "sigma2"  # w(sigma) of the generator update: sigma2 (the papers) | none | edm
 
 
 @dataclass
@@ -171,9 +171,9 @@ class OptimConfig:
     beta1: float = 0.0  # Adam beta1 for the two-player updates (0 as in DMD/SiD)
     beta2: float = 0.99  # Adam beta2
     grad_clip: float = 0.0  # max global grad norm per network (0: off)
-    lr_schedule: str = "constant"  # constant | edm2 (EDM2: lr / sqrt(max(nimg / (lr_ref_batches * batch), 1)), ramped up over lr_rampup_mimg)
-    lr_ref_batches: float = 70000.0  # edm2 schedule: batches before the inverse-square-root decay starts (img512: 70000, img64: 35000)
-    lr_rampup_mimg: float = 10.0  # edm2 schedule: linear warm-up, millions of images (0: none)
+    lr_schedule: str = "edm2"  # constant | edm2 (EDM2: lr / sqrt(max(nimg / (lr_ref_batches * batch), 1)), ramped up over lr_rampup_mimg)
+    lr_ref_batches: float = 250.0  # edm2 schedule: batches before the inverse-square-root decay starts (img512: 70000, img64: 35000)
+    lr_rampup_mimg: float = 0.0  # edm2 schedule: linear warm-up, millions of images (0: none; img512: 10)
     ema_std: float = 0.0  # > 0: EDM2's power-function EMA of the trained network with this relative std (e.g. 0.05) instead of the half-life
     ema_halflife_kimg: float = 20.0  # EMA half-life of the generator, thousands of images
     ema_rampup: float = 0.05  # half-life at most this fraction of images seen so far (0: off)

@@ -46,7 +46,8 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
     # w = sigma^2 (the papers' weighting) keeps every noise level's share of the gradient O(1).
     # This is a CPU study of the estimators, not of the kernels: the PyTorch references run it.
     base = cfg or from_dict(
-        {"run": {"kernels": "torch"}, "noise": {"sigma_dist": "loguniform", "sigma_min": 0.05, "sigma_max": 3.0, "weighting": "sigma2"}}
+        {"run": {"kernels": "torch"}, "noise": {"sigma_dist": "loguniform", "sigma_min": 0.05, "sigma_max": 3.0, "weighting": "sigma2"},
+         "optim": {"lr_schedule": "constant"}}
     )
     cfg_ratio = from_dict({**to_dict(base), "method": {**dataclasses.asdict(base.method), "name": "diffratio", "objective": "dikl"}})
     cfg_vsd = from_dict({**to_dict(base), "method": {**dataclasses.asdict(base.method), "name": "vsd"}})

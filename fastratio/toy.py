@@ -145,6 +145,19 @@ def rings25(radii: tuple[float, float] = (1.0, 2.5)) -> GaussianMixture:
     return GaussianMixture(torch.tensor(means, dtype=torch.float64), torch.stack(covs), _unequal(25))
 
 
+def standardized(mixture: GaussianMixture) -> GaussianMixture:
+    """The mixture moved to mean 0 and scaled isotropically to unit average variance per coordinate
+    (the toy analogue of images in [-1, 1]): one sigma range and sigma_data then fit every mixture,
+    whatever its scale. An isotropic affine map keeps shapes, weights and mode coverage; energy
+    distances scale by the same factor for the generator and for the exact sample."""
+    w = mixture.weights
+    mean = (w[:, None] * mixture.means).sum(0)
+    centred = mixture.means - mean
+    total = (w[:, None, None] * (mixture.covs + centred[:, :, None] * centred[:, None, :])).sum(0)
+    scale = torch.sqrt(torch.diagonal(total).mean())
+    return GaussianMixture(centred / scale, mixture.covs / scale**2, w)
+
+
 MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3, "spiral6": spiral6, "petals12": petals12, "grid20": grid20, "rings25": rings25}
 
 

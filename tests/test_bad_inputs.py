@@ -242,7 +242,7 @@ CASES = [
     ("malicious EDM pickle", lambda f: _image(f, "idx", f["dir"] / "train-images-idx3-ubyte.gz", "teacher.checkpoint=" + str(f["dir"] / "evil.pkl")), {}, r"evil.pkl: refusing to load global (posix|os)\.system"),
     ("unknown global in EDM pickle", lambda f: _image(f, "idx", f["dir"] / "train-images-idx3-ubyte.gz", "teacher.checkpoint=" + str(f["dir"] / "unknown.pkl")), {}, r"refusing to load global collections\.Counter"),
     ("truncated EDM pickle", lambda f: _image(f, "idx", f["dir"] / "train-images-idx3-ubyte.gz", "teacher.checkpoint=" + str(f["dir"] / "truncated.pkl")), {}, "truncated.pkl: not a readable EDM pickle"),
-    ("checkpoint of another architecture", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + str(f["dir"] / "other"), "model.gen_hidden=24"), "--resume", str(f["toy_ckpt"])], {}, "ckpt-000000001.pt: checkpoint does not match this config"),
+    ("checkpoint of another architecture", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + str(f["dir"] / "other"), "model.score_hidden=24"), "--resume", str(f["toy_ckpt"])], {}, "ckpt-000000001.pt: checkpoint does not match this config"),
     ("missing resume file", lambda f: [TOY, "--resume", str(f["dir"] / "gone.pt")], {}, "--resume: checkpoint .*gone.pt not found"),
     ("run folder in use", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + str(f["toy_run"]))], {}, "run.out_dir: .* already holds checkpoints"),
     ("bad kernel switch", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + str(f["dir"] / "k"))], {"FASTRATIO_KERNELS": "cuda-magic"}, "FASTRATIO_KERNELS: 'cuda-magic' is not one of"),

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "run.progress=false", "run.log_every=1", "run.eval_every=1000", "run.plot_every=0", "run.ckpt_every=20",
     "run.steps=150", "optim.batch_size=32", "model.gen_hidden=32", "model.ratio_hidden=32", "run.kernels=torch",
-    "run.device=cpu",
+    "run.device=cpu", "model.score_hidden=32", "method.teacher_steps=20",
 ]
 
 

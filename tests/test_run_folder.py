@@ -69,7 +69,7 @@ def test_a_rejected_resume_changes_no_file(tmp_path):
     train(_cfg(run))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(UserError, match="does not match this config|holds networks"):
-        train(_cfg(run, "model.ratio_hidden=24", steps=6), resume="auto")  # another architecture
+        train(_cfg(run, "model.score_hidden=24", steps=6), resume="auto")  # another architecture
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert after == {k: v for k, v in before.items() if k != ".lock"}
 
@@ -223,5 +223,5 @@ def test_a_forced_resume_that_fails_validation_moves_nothing(tmp_path):
     train(_cfg(run, "run.keep_ckpts=3", steps=6))
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(UserError, match="does not match this config"):
-        train(_cfg(run, "model.ratio_hidden=24", steps=8), resume=str(checkpoint.checkpoint_path(run, 2)), force=True)
+        train(_cfg(run, "model.score_hidden=24", steps=8), resume=str(checkpoint.checkpoint_path(run, 2)), force=True)
     assert sorted(p.name for p in run.iterdir()) == before and not list(run.glob("superseded-*"))

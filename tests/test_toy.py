@@ -112,3 +112,20 @@ def test_metrics_separate_good_and_bad_samples():
     assert toy.mode_coverage(collapsed, mix)["modes_covered"] == 1
     assert toy.energy_distance(ref, ref) == pytest.approx(0.0, abs=1e-12)
     assert toy.cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(math.sqrt(0.5))
+
+
+@pytest.mark.parametrize("name", sorted(toy.MIXTURES))
+def test_standardized_mixture_has_zero_mean_and_unit_variance(name):
+    raw = toy.MIXTURES[name]()
+    mix = toy.standardized(raw)
+    g = torch.Generator().manual_seed(0)
+    x = mix.sample(400_000, g)
+    torch.testing.assert_close(x.mean(0), torch.zeros(2, dtype=torch.float64), atol=0.01, rtol=0)
+    assert float(x.var(0).mean()) == pytest.approx(1.0, abs=0.01)
+    # An isotropic affine map: weights kept, every covariance scaled by one factor, so the shapes
+    # (and the mode-coverage measure, Mahalanobis-based) are unchanged.
+    torch.testing.assert_close(mix.weights, raw.weights)
+    ratio = mix.covs / raw.covs.clamp_min(1e-300)
+    scale2 = ratio[0, 0, 0]
+    torch.testing.assert_close(mix.covs, raw.covs * scale2)
+    assert toy.mode_coverage(x[:20000], mix)["mass_tv"] < 0.02

@@ -1,13 +1,18 @@
-"""The embedded default (configs/toy2d.yaml, DiJS) learns ring8; VSD on a thin mixture stays finite.
+"""The embedded default (configs/toy2d.yaml) against the closed-form oracles, DiJS and VSD alike.
 
 Criterion (README, "Measured on the toy suite"): every mode covered, the mass on each mode's basin
 within total variation 0.1 of the true weights, and an energy distance within 3x that of an exact
-sample of the same size.
+sample of the same size. The CI runs the cases that take the default under 3 minutes each; the
+many-mode mixture that passes is marked slow. Which mixtures do not pass yet is in the README.
 """
 
 from pathlib import Path
 
-from fastratio import config
+import pytest
+import torch
+
+from fastratio import checkpoint, config, toy
+from fastratio.networks.mlp import MLPScore
 from fastratio.runlog import read_jsonl
 from fastratio.train import train
 
@@ -26,21 +31,55 @@ def _final(tmp_path, overrides: list[str]) -> dict:
     return final
 
 
-def test_toy_default_dijs_covers_all_modes(tmp_path):
-    cfg = config.load(ROOT / "configs" / "toy2d.yaml")
-    assert cfg.method.objective == "dijs" and cfg.data.mixture == "ring8"
-    final = _final(tmp_path, [])
-    assert final["eval_modes_covered"] == 8
+def _passes(final: dict, modes: int) -> None:
+    assert final["eval_modes_covered"] == modes
     assert final["eval_mass_tv"] <= MASS_TV
     assert final["eval_energy_distance"] <= 3 * final["eval_energy_distance_true"]
 
 
+def test_toy_default_dijs_covers_all_modes(tmp_path):
+    cfg = config.load(ROOT / "configs" / "toy2d.yaml")
+    assert cfg.method.objective == "dijs" and cfg.data.mixture == "ring8"
+    _passes(_final(tmp_path, []), 8)
+
+
+@pytest.mark.parametrize("mixture, method, modes", [
+    ("spiral6", "diffratio", 6),  # the mixture issue 17 reported (DiJS: 0 of 6 modes, VSD diverged)
+    ("ring8", "vsd", 8),
+    pytest.param("rings25", "diffratio", 25, marks=pytest.mark.slow),
+])
+def test_toy_default_passes(tmp_path, mixture, method, modes):
+    _passes(_final(tmp_path, [f"data.mixture={mixture}", f"method.name={method}"]), modes)
+    if method == "vsd":
+        _check_teacher(tmp_path, mixture)
+
+
+def _check_teacher(run_dir: Path, mixture: str) -> None:
+    """The stage-1 teacher against the exact score of the standardised mixture: a constant-rate,
+    un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (6-7% now)."""
+    _, state = checkpoint.load_latest(run_dir)
+    teacher = MLPScore(2, 181, 3, 1.0, "ve")
+    teacher.load_state_dict(state["nets"]["teacher"])
+    exact = toy.standardized(toy.MIXTURES[mixture]())
+    g = torch.Generator().manual_seed(1)
+    for s in (0.05, 0.1, 0.3, 1.0):
+        x = exact.sample(4000, g)
+        x = x + s * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        sigma = torch.full((4000,), s, dtype=torch.float64)
+        with torch.no_grad():
+            err = (teacher(x.float(), sigma.float()).double() - exact.score(x, sigma)).square().sum(1).mean()
+        rel = float((err / exact.score(x, sigma).square().sum(1).mean()).sqrt())
+        print(f"teacher relative score error at sigma {s}: {rel:.3f}")
+        assert rel < 0.15
+
+
 def test_toy_vsd_stays_finite_on_thin_components(tmp_path):
     """VSD on spiral6 diverged (issue 17: generator gradient norm 1e17) while its score nets were fitted
-    with the generator's w(sigma) = 1, a loss ~ 1/sigma^2 at sigma = 0.02: this run then stopped at step
-    400 (fake-score gradient norm 3.8e8). With lambda = std^2 it stays bounded."""
-    _final(tmp_path, ["data.mixture=spiral6", "method.name=vsd", "run.steps=1500", "method.teacher_steps=1000"])
+    with the generator's w(sigma) = 1, a loss ~ 1/sigma^2 at the smallest sigma: with the settings of
+    that time the run stopped at step 400 (fake-score gradient norm 3.8e8). With lambda = std^2 it
+    stays bounded."""
+    _final(tmp_path, ["data.mixture=spiral6", "method.name=vsd", "run.steps=1000", "method.teacher_steps=1000", "noise.weighting=none"])
     records = read_jsonl(tmp_path / "metrics.jsonl")
     norms = [r["gen_grad_norm"] for r in records if "gen_grad_norm" in r]
-    assert len(norms) == 30 and max(norms) < 1e3
+    assert len(norms) == 20 and max(norms) < 1e3
     assert max(r["fake_dsm_loss"] for r in records if "fake_dsm_loss" in r) < 10

@@ -20,7 +20,7 @@ def test_best_of_n_reduces_energy_distance_and_the_oracle_does_at_least_as_well(
     p32 = p.to("cpu", torch.float32)
     generator = toy.MixtureGenerator(q.to("cpu", torch.float32))
     q32 = generator.mixture()
-    cfg = from_dict({"run": {"kernels": "torch"}, "optim": {"beta1": 0.9},
+    cfg = from_dict({"run": {"kernels": "torch"}, "optim": {"beta1": 0.9, "lr_schedule": "constant"},
                      "noise": {"sigma_dist": "loguniform", "sigma_min": 0.05, "sigma_max": 1.0}})
     ratio = MLPRatio(2, 64, 3, 1.0, "ve")
     rng = torch.Generator().manual_seed(0)

@@ -35,6 +35,28 @@ class MLPGenerator(nn.Module):
         return self.net(z)
 
 
+class MLPDenoiserGenerator(nn.Module):
+    """One-step generator g(z) = D(x; sigma_init) at x = std(sigma_init) z, z ~ N(0, I) [B, D], D being
+    the Tweedie denoiser (x + std^2 s(x, sigma)) / alpha of a score net: the papers' generator, which
+    starts from the teacher's weights (``load_teacher``) so that it begins as the teacher's one-step
+    posterior mean from pure noise."""
+
+    def __init__(self, score: MLPScore, sigma_init: float):
+        super().__init__()
+        self.score, self.sigma_init = score, sigma_init
+        self.latent_dim = score.net[-1].out_features  # the data's dimension
+
+    @torch.no_grad()
+    def load_teacher(self, teacher: MLPScore) -> None:
+        self.score.load_state_dict(teacher.state_dict())
+
+    def forward(self, z: torch.Tensor, class_labels=None) -> torch.Tensor:
+        sigma = torch.full((z.shape[0],), self.sigma_init, dtype=z.dtype, device=z.device)
+        alpha, std = noise_coefficients(sigma, self.score.schedule)
+        x = std[:, None] * z
+        return (x + std[:, None] ** 2 * self.score(x, sigma)) / alpha[:, None]
+
+
 class SigmaMLP(nn.Module):
     """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio and score nets.
     The toy task is unconditional: the class/augmentation label arguments of the image nets are
@@ -64,6 +86,15 @@ class MLPRatio(SigmaMLP):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
         return super().forward(x, sigma).squeeze(1)
+
+    @torch.no_grad()
+    def load_trunk(self, score: SigmaMLP) -> None:
+        """Start from a fitted score net's hidden layers (the toy analogue of the ratio UNet starting
+        from the teacher's encoder); the scalar head stays fresh."""
+        for mine, theirs in zip(self.net[:-1], score.net[:-1]):
+            if isinstance(mine, nn.Linear):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
 
 
 class MLPScore(SigmaMLP):

@@ -1,4 +1,9 @@
-"""2-D Gaussian-mixture task: exact data sampling, MLP networks, energy distance and mode coverage."""
+"""2-D Gaussian-mixture task: exact data sampling, MLP networks, energy distance and mode coverage.
+
+The mixture is standardised (``toy.standardized``), as images are scaled to [-1, 1]: one sigma range
+and one sigma_data then serve mixtures of any spread. As on images, the teacher is fitted first
+(stage 1, ``fastratio.train.pretrain_teacher``) and the generator and the ratio net start from it
+unless ``model.generator_from_teacher`` / ``model.ratio_from_teacher`` say otherwise."""
 
 from __future__ import annotations
 
@@ -9,28 +14,45 @@ import torch
 from .. import toy
 from ..atomic import atomic_write
 from ..config import Config
-from ..networks.mlp import MLPGenerator, MLPRatio, MLPScore
+from ..networks.mlp import MLPDenoiserGenerator, MLPGenerator, MLPRatio, MLPScore
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
 
 _EVAL_SEED = 12345  # evaluation draws its own fixed stream: it never perturbs the training RNG
 
 
+def needs_teacher(cfg: Config) -> bool:
+    """Whether stage 1 fits a teacher: the method reads its score, or a network starts from it."""
+    m, method = cfg.model, cfg.method.name
+    return needs_scores(method) or m.generator_from_teacher or (needs_ratio(method) and m.ratio_from_teacher)
+
+
 class Toy2DTask:
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.mixture = toy.MIXTURES[cfg.data.mixture]()
+        self.mixture = toy.standardized(toy.MIXTURES[cfg.data.mixture]())
         self.mixture_dev = self.mixture.to(device, torch.float32)
+        self.latent_dim = self.mixture.dim if cfg.model.generator_from_teacher else cfg.model.latent_dim
 
     def build_networks(self) -> Networks:
         m, schedule, dim = self.cfg.model, self.cfg.noise.schedule, self.mixture.dim
         method = self.cfg.method.name
-        nets = Networks(generator=MLPGenerator(m.latent_dim, dim, m.gen_hidden, m.gen_depth))
+
+        def score_net() -> MLPScore:
+            return MLPScore(dim, m.score_hidden, m.score_depth, m.sigma_data, schedule)
+
+        if m.generator_from_teacher:
+            generator = MLPDenoiserGenerator(score_net(), m.sigma_init)
+        else:
+            generator = MLPGenerator(m.latent_dim, dim, m.gen_hidden, m.gen_depth)
+        nets = Networks(generator=generator)
         if needs_ratio(method):
-            nets.ratio = MLPRatio(dim, m.ratio_hidden, m.ratio_depth, m.sigma_data, schedule)
+            width, depth = (m.score_hidden, m.score_depth) if m.ratio_from_teacher else (m.ratio_hidden, m.ratio_depth)
+            nets.ratio = MLPRatio(dim, width, depth, m.sigma_data, schedule)
+        if needs_teacher(self.cfg):
+            nets.teacher = score_net()
         if needs_scores(method):
-            nets.teacher = MLPScore(dim, m.score_hidden, m.score_depth, m.sigma_data, schedule)
-            nets.fake_score = MLPScore(dim, m.score_hidden, m.score_depth, m.sigma_data, schedule)
+            nets.fake_score = score_net()
         for name in ("generator", "ratio", "teacher", "fake_score"):
             if getattr(nets, name) is not None:
                 setattr(nets, name, getattr(nets, name).to(self.device))
@@ -49,7 +71,7 @@ class Toy2DTask:
         """Exact samples from the run's generator: nothing to restore beyond it."""
 
     def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
-        return torch.randn(n, self.cfg.model.latent_dim, generator=rng, device=self.device), None
+        return torch.randn(n, self.latent_dim, generator=rng, device=self.device), None
 
     @torch.no_grad()
     def _eval_samples(self, generator: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
