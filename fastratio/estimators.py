@@ -19,7 +19,8 @@ import torch
 from . import objectives, toy
 from .config import Config, from_dict, to_dict
 from .draws import Draws
-from .networks.mlp import MLPRatio, MLPScore
+from .networks.from_denoiser import DenoiserScore
+from .networks.mlp import MLPDenoiser, MLPRatio
 from .noise import loss_weight
 from .optim import make_adam
 from .step import Networks, TrainStep, draw_noised, dsm_update
@@ -61,8 +62,8 @@ def gradient_bias(cfg: Config | None = None, train_steps: int = 2000, eval_sampl
     m, schedule = base.model, base.noise.schedule
 
     ratio = MLPRatio(2, m.ratio_hidden, m.ratio_depth, m.sigma_data, schedule)
-    teacher = MLPScore(2, m.score_hidden, m.score_depth, m.sigma_data, schedule)
-    fake = MLPScore(2, m.score_hidden, m.score_depth, m.sigma_data, schedule)
+    teacher = DenoiserScore(MLPDenoiser(2, m.score_hidden, m.score_depth, m.sigma_data), schedule)
+    fake = DenoiserScore(MLPDenoiser(2, m.score_hidden, m.score_depth, m.sigma_data), schedule)
 
     def adam(net: torch.nn.Module) -> torch.optim.Optimizer:
         return make_adam(net.parameters(), base.optim.ratio_lr, base)

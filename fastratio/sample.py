@@ -18,7 +18,8 @@ from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
 from .latents import LatentScaling, decode, load_vae
 from .networks.denoisers import build_denoiser
-from .networks.image import OneStepGenerator, RatioUNet
+from .networks.from_denoiser import OneStepGenerator
+from .networks.image import RatioUNet
 from .networks.unet import Precond
 from .sampler import heun_sample
 from .train import resolve_device

@@ -20,9 +20,10 @@ from . import checkpoint, distributed
 from . import config as config_mod
 from .config import Config
 from .draws import Draws
-from .ema import EMA
+from .ema import EMA, ema_beta
 from .errors import ArgumentParser, UserError, os_error, run_cli
 from .guard import DivergenceWatch, StopRequest
+from .networks.from_denoiser import DenoiserScore
 from .optim import make_adam
 from .runfolder import RunFolder
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
@@ -30,6 +31,7 @@ from .runner import StepRunner
 from .shard import Shard
 from .step import Networks, TeacherStep, TrainStep, dsm_update
 from .tasks import build_task
+from .tasks.toy2d import needs_teacher
 
 _ROLES = ("generator", "ratio", "teacher", "fake_score")
 
@@ -74,23 +76,25 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     decayed linearly to 0 over the second half, as a real teacher is a converged, averaged network:
     the last iterate of a constant-rate fit is noise-limited (standardised ring8, 10,000 steps: score
     error 24% of the exact score at sigma = 0.1 vs 7% with the decay; tests/test_toy_training.py)."""
+    teacher = nets.teacher if nets.teacher is not None else DenoiserScore(task.build_teacher(), cfg.noise.schedule)
     lr, steps = cfg.optim.teacher_lr, cfg.method.teacher_steps
-    opt = make_adam(nets.teacher.parameters(), lr, cfg)
-    ema = EMA(nets.teacher)
-    beta = 0.5 ** (cfg.optim.batch_size / (cfg.optim.ema_halflife_kimg * 1000))
+    opt = make_adam(teacher.parameters(), lr, cfg)
+    ema = EMA(teacher)
+    beta = float(ema_beta(cfg.optim.batch_size, torch.zeros(()), cfg.optim.ema_halflife_kimg, rampup=0))
     for i in tqdm(range(steps), desc="teacher", disable=not cfg.run.progress):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, 2.0 * (1.0 - i / steps))
-        dsm_update(nets.teacher, opt, task.sample_real(cfg.optim.batch_size, rng)[0], cfg, Draws(rng))
-        ema.update(nets.teacher, beta)
-    nets.teacher.load_state_dict(ema.module.state_dict())
-    nets.teacher.requires_grad_(False).eval()
+        dsm_update(teacher, opt, task.sample_real(cfg.optim.batch_size, rng)[0], cfg, Draws(rng))
+        ema.update(teacher, beta)
+    teacher.load_state_dict(ema.module.state_dict())
+    teacher.requires_grad_(False).eval()
+    weights = teacher.denoiser.state_dict()
     if nets.fake_score is not None:
-        nets.fake_score.load_state_dict(nets.teacher.state_dict())
+        nets.fake_score.denoiser.load_state_dict(weights)
     if nets.ratio is not None and cfg.model.ratio_from_teacher:
-        nets.ratio.load_trunk(nets.teacher)
+        nets.ratio.load_trunk(teacher.denoiser)
     if cfg.model.generator_from_teacher:
-        nets.generator.load_teacher(nets.teacher)
+        nets.generator.denoiser.load_state_dict(weights)
 
 
 def _state(step: int, nimg: int, cfg: Config, nets: Networks, ema: EMA, opts: dict, rng: torch.Generator, extras: dict,
@@ -212,7 +216,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         if ctx.is_main:
             folder.check_newer(found[1]["step"], supersede, found[0])
     toy_teacher = cfg.data.kind == "toy2d" and nets.teacher is not None
-    if found is None and toy_teacher:
+    if found is None and cfg.data.kind == "toy2d" and needs_teacher(cfg):
         pretrain_teacher(task, nets, cfg, rng)
     ema, ratio_ema, averages = build_averages(nets, cfg)
     start, nimg = 0, 0

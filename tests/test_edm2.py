@@ -109,7 +109,7 @@ def test_stage2_from_an_edm2_pickle_trains_and_samples(tmp_path, method, checkpo
 
 
 def test_activation_checkpointing_of_an_edm2_generator_gives_the_same_gradients():
-    from fastratio.networks.image import OneStepGenerator
+    from fastratio.networks.from_denoiser import OneStepGenerator
 
     teacher = FIX / "edm2-latent-cond" / "edm2-latent-cond-0000008-0.070.pkl"
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -3,38 +3,57 @@
 import torch
 
 from fastratio import config
-from fastratio.networks.mlp import MLPDenoiserGenerator, MLPRatio, MLPScore
+from fastratio.networks.from_denoiser import DenoiserScore, OneStepGenerator
+from fastratio.networks.mlp import MLPDenoiser, MLPRatio
 from fastratio.noise import noise_coefficients
 from fastratio.tasks.toy2d import Toy2DTask, needs_teacher
+from fastratio.train import pretrain_teacher
 
 
-def _score(seed: int) -> MLPScore:
+def _denoiser(seed: int) -> MLPDenoiser:
     torch.manual_seed(seed)
-    return MLPScore(2, 32, 3, 1.0, "ve")
+    return MLPDenoiser(2, 32, 3, 1.0)
 
 
-def test_generator_is_the_teachers_one_step_denoiser():
-    """g(z) = x + sigma^2 s(x, sigma) at x = sigma_init z (VE Tweedie), with the teacher's weights."""
-    teacher, sigma_init = _score(0), 2.5
-    gen = MLPDenoiserGenerator(_score(1), sigma_init)
-    gen.load_teacher(teacher)
+def test_denoiser_predicts_the_noise_and_its_score_is_tweedies():
+    """D = x - sigma F(c_in x, c_noise) (EDM's VE preconditioning, c_in = 1/sqrt(sigma^2 + sd^2));
+    through DenoiserScore the score of x_t = alpha x0 + std eps is -F / std on both schedules, the
+    noise-prediction form the DSM loss fits."""
+    den = _denoiser(0)
+    x0, sigma = torch.randn(8, 2), torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 2.5, 10.0, 80.0])
+    with torch.no_grad():
+        torch.testing.assert_close(den.features(x0, sigma)[:, :2], x0 / torch.sqrt(sigma**2 + 1)[:, None])
+        torch.testing.assert_close(den(x0, sigma), x0 - sigma[:, None] * den.net(den.features(x0, sigma)))
+        for schedule in ("ve", "vp"):
+            alpha, std = noise_coefficients(sigma, schedule)
+            x_t = alpha[:, None] * x0
+            f = den.net(den.features(x0, sigma))  # x_t / alpha = x0
+            torch.testing.assert_close(DenoiserScore(den, schedule)(x_t, sigma), -f / std[:, None], rtol=1e-4, atol=1e-4)
+
+
+def test_stage1_starts_generator_fake_score_and_ratio_trunk_from_the_fitted_teacher():
+    """As on images: after stage 1 the generator is D(sigma_init z; sigma_init) with the teacher's
+    weights, the fake score a copy of the teacher, the ratio net's trunk the teacher's."""
+    cfg = config.load(None, ["method.name=dibregman", "model.score_hidden=24", "method.teacher_steps=3", "optim.batch_size=16"])
+    task = Toy2DTask(cfg, torch.device("cpu"))
+    nets = task.build_networks()
+    before = {k: v.clone() for k, v in nets.teacher.state_dict().items()}
+    pretrain_teacher(task, nets, cfg, torch.Generator().manual_seed(1))
+    teacher = nets.teacher.denoiser
+    assert not torch.equal(before["denoiser.net.0.weight"], teacher.net[0].weight)  # fitted
+    assert not any(p.requires_grad for p in teacher.parameters())
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
-    sigma = torch.full((16,), sigma_init)
+    sigma_init = cfg.model.sigma_init
     with torch.no_grad():
-        expected = sigma_init * z + sigma_init**2 * teacher(sigma_init * z, sigma)
-        torch.testing.assert_close(gen(z), expected)
-    # VP: x = std z, x0_hat = (x + std^2 s) / alpha.
-    vp_teacher = MLPScore(2, 32, 3, 1.0, "vp")
-    gen_vp = MLPDenoiserGenerator(MLPScore(2, 32, 3, 1.0, "vp"), sigma_init)
-    gen_vp.load_teacher(vp_teacher)
-    alpha, std = noise_coefficients(sigma, "vp")
-    with torch.no_grad():
-        x = std[:, None] * z
-        torch.testing.assert_close(gen_vp(z), (x + std[:, None] ** 2 * vp_teacher(x, sigma)) / alpha[:, None])
+        torch.testing.assert_close(nets.generator(z), teacher(sigma_init * z, torch.full((16,), sigma_init)))
+        for mine, theirs in zip(nets.fake_score.parameters(), nets.teacher.parameters()):
+            assert torch.equal(mine, theirs)
+        x, sigma = torch.randn(8, 2), torch.rand(8) + 0.1
+        torch.testing.assert_close(nets.ratio.net[:-1](nets.ratio.features(x, sigma)), teacher.net[:-1](teacher.features(x, sigma)))
 
 
 def test_ratio_net_starts_from_the_teachers_trunk_with_a_fresh_head():
-    teacher = _score(0)
+    teacher = _denoiser(0)
     torch.manual_seed(5)
     ratio = MLPRatio(2, 32, 3, 1.0, "ve")
     head = ratio.net[-1].weight.clone()
@@ -45,9 +64,7 @@ def test_ratio_net_starts_from_the_teachers_trunk_with_a_fresh_head():
     torch.testing.assert_close(ratio.net[-1].weight, head)
     # The hidden features now equal the teacher's at any input.
     x, sigma = torch.randn(8, 2), torch.rand(8) + 0.1
-    hidden = lambda net: net.net[:-1](torch.cat([x * torch.rsqrt(1 + sigma**2)[:, None],
-                                                  torch.sin(torch.log(sigma)[:, None] / 4 * net.freqs),
-                                                  torch.cos(torch.log(sigma)[:, None] / 4 * net.freqs)], 1))
+    hidden = lambda net: net.net[:-1](net.features(x, sigma))
     torch.testing.assert_close(hidden(ratio), hidden(teacher))
 
 
@@ -55,9 +72,13 @@ def test_which_toy_runs_fit_a_teacher_and_the_ratio_net_width():
     base = ["model.score_hidden=24", "model.ratio_hidden=40"]
     cfg = config.load(None, base)
     nets = Toy2DTask(cfg, torch.device("cpu")).build_networks()
-    assert needs_teacher(cfg) and nets.teacher is not None and nets.fake_score is None
-    assert isinstance(nets.generator, MLPDenoiserGenerator) and nets.ratio.net[0].out_features == 24  # the teacher's width
+    # DiJS reads no score: stage 1 fits a teacher, the nets start from it, and it is not kept.
+    assert needs_teacher(cfg) and nets.teacher is None and nets.fake_score is None
+    assert isinstance(nets.generator, OneStepGenerator) and nets.ratio.net[0].out_features == 24  # the teacher's width
     cfg = config.load(None, [*base, "model.generator_from_teacher=false", "model.ratio_from_teacher=false"])
     nets = Toy2DTask(cfg, torch.device("cpu")).build_networks()
     assert not needs_teacher(cfg) and nets.teacher is None and nets.ratio.net[0].out_features == 40
-    assert not isinstance(nets.generator, MLPDenoiserGenerator)
+    assert not isinstance(nets.generator, OneStepGenerator)
+    cfg = config.load(None, [*base, "method.name=vsd"])
+    nets = Toy2DTask(cfg, torch.device("cpu")).build_networks()
+    assert needs_teacher(cfg) and nets.teacher is not None and nets.fake_score is not None and nets.ratio is None

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastratio import checkpoint, config, toy
-from fastratio.networks.mlp import MLPScore
+from fastratio import checkpoint, config
+from fastratio.networks.from_denoiser import DenoiserScore
 from fastratio.runlog import read_jsonl
+from fastratio.tasks.toy2d import Toy2DTask
 from fastratio.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +52,17 @@ def test_toy_default_dijs_covers_all_modes(tmp_path):
 def test_toy_default_passes(tmp_path, mixture, method, modes):
     _passes(_final(tmp_path, [f"data.mixture={mixture}", f"method.name={method}"]), modes)
     if method == "vsd":
-        _check_teacher(tmp_path, mixture)
+        _check_teacher(tmp_path)
 
 
-def _check_teacher(run_dir: Path, mixture: str) -> None:
+def _check_teacher(run_dir: Path) -> None:
     """The stage-1 teacher against the exact score of the standardised mixture: a constant-rate,
     un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (6-7% now)."""
     _, state = checkpoint.load_latest(run_dir)
-    teacher = MLPScore(2, 181, 3, 1.0, "ve")
+    task = Toy2DTask(config.load(run_dir / "config.yaml"), torch.device("cpu"))
+    teacher = DenoiserScore(task.build_teacher(), task.cfg.noise.schedule)
     teacher.load_state_dict(state["nets"]["teacher"])
-    exact = toy.standardized(toy.MIXTURES[mixture]())
+    exact = task.mixture
     g = torch.Generator().manual_seed(1)
     for s in (0.05, 0.1, 0.3, 1.0):
         x = exact.sample(4000, g)

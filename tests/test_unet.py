@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastratio.networks.denoisers import build_denoiser
-from fastratio.networks.image import DenoiserScore, OneStepGenerator, RatioUNet
+from fastratio.networks.from_denoiser import DenoiserScore, OneStepGenerator
+from fastratio.networks.image import RatioUNet
 from fastratio.networks.unet import EDMPrecond
 
 LAYOUTS = json.loads((Path(__file__).parent / "fixtures" / "edm" / "layouts.json").read_text())["layouts"]

@@ -1,6 +1,7 @@
-"""The roles of the image method built on EDM's networks: one-step generator, ratio network, score.
+"""The image ratio network, built on EDM's (or EDM2's) UNet encoder; the one-step generator and the
+score are ``fastratio.networks.from_denoiser``'s, shared with the toy.
 
-All take x_t on the run's noise schedule (``fastratio.noise``) and the EDM noise level sigma; class
+It takes x_t on the run's noise schedule (``fastratio.noise``) and the EDM noise level sigma; class
 labels are one-hot [B, K] (None when unconditional), augmentation labels [B, AUGMENT_DIM] or None.
 """
 
@@ -12,41 +13,8 @@ from torch import nn
 
 from ..noise import noise_coefficients
 from .edm2 import UNet as EDM2UNet
+from .from_denoiser import expand
 from .unet import ARCHITECTURES, GroupNorm, Linear, Precond
-
-
-def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-class OneStepGenerator(nn.Module):
-    """g(z, c) = D(sigma_init z; sigma_init, c): an EDM denoiser applied once at a fixed noise level,
-    initialised from the teacher ("Towards..." Sec. 4: without this init training collapses)."""
-
-    def __init__(self, denoiser: Precond, sigma_init: float, checkpointing: bool = False):
-        super().__init__()
-        self.denoiser, self.sigma_init = denoiser, sigma_init
-        # Activation checkpointing per UNet block: only block inputs (and the decoder's skips) stay
-        # alive between the forward and the backward, which recomputes each block once.
-        denoiser.model.checkpointing = checkpointing
-
-    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device)
-        return self.denoiser(self.sigma_init * z, sigma, class_labels)
-
-
-class DenoiserScore(nn.Module):
-    """Score of the noised marginal from a denoiser: with x_t = alpha x0 + std eps (std = alpha sigma),
-    grad log p(x_t) = (alpha D(x_t / alpha; sigma) - x_t) / std^2 (Tweedie)."""
-
-    def __init__(self, denoiser: Precond, schedule: str):
-        super().__init__()
-        self.denoiser, self.schedule = denoiser, schedule
-
-    def forward(self, x_t, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
-        alpha, std = (_expand(v, x_t) for v in noise_coefficients(sigma, self.schedule))
-        d = self.denoiser(x_t / alpha, sigma, class_labels, augment_labels)
-        return (alpha * d - x_t) / std**2
 
 
 class RatioUNet(nn.Module):
@@ -75,11 +43,11 @@ class RatioUNet(nn.Module):
     def forward(self, x_t, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
         alpha, _ = noise_coefficients(sigma, self.schedule)
         sigma = sigma.to(torch.float32)
-        c_in = _expand((sigma**2 + self.sigma_data**2).rsqrt(), x_t)
+        c_in = expand((sigma**2 + self.sigma_data**2).rsqrt(), x_t)
         if self.label_dim and class_labels is None:
             class_labels = torch.zeros(x_t.shape[0], self.label_dim, device=x_t.device)
         emb = self.model.embed(sigma.log() / 4, class_labels, augment_labels)
-        h = self.model.encode(c_in * (x_t.to(torch.float32) / _expand(alpha, x_t)), emb)[-1]
+        h = self.model.encode(c_in * (x_t.to(torch.float32) / expand(alpha, x_t)), emb)[-1]
         h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
         return self.head(h).squeeze(1).to(torch.float32)
 

@@ -1,7 +1,7 @@
 """MLP networks for low-dimensional data (the toy suite).
 
-The sigma-conditioned nets use EDM-style preconditioning so one set of weights works across noise
-levels: the input is scaled to unit variance by c_in = 1/sqrt(alpha^2 sigma_data^2 + std^2) and the
+The sigma-conditioned nets use EDM's preconditioning so one set of weights works across noise
+levels: the input is scaled to unit variance by c_in = 1/sqrt(alpha^2 sigma_data^2 + std^2), the
 noise level enters as Fourier features of c_noise = log(sigma)/4.
 """
 
@@ -35,30 +35,8 @@ class MLPGenerator(nn.Module):
         return self.net(z)
 
 
-class MLPDenoiserGenerator(nn.Module):
-    """One-step generator g(z) = D(x; sigma_init) at x = std(sigma_init) z, z ~ N(0, I) [B, D], D being
-    the Tweedie denoiser (x + std^2 s(x, sigma)) / alpha of a score net: the papers' generator, which
-    starts from the teacher's weights (``load_teacher``) so that it begins as the teacher's one-step
-    posterior mean from pure noise."""
-
-    def __init__(self, score: MLPScore, sigma_init: float):
-        super().__init__()
-        self.score, self.sigma_init = score, sigma_init
-        self.latent_dim = score.net[-1].out_features  # the data's dimension
-
-    @torch.no_grad()
-    def load_teacher(self, teacher: MLPScore) -> None:
-        self.score.load_state_dict(teacher.state_dict())
-
-    def forward(self, z: torch.Tensor, class_labels=None) -> torch.Tensor:
-        sigma = torch.full((z.shape[0],), self.sigma_init, dtype=z.dtype, device=z.device)
-        alpha, std = noise_coefficients(sigma, self.score.schedule)
-        x = std[:, None] * z
-        return (x + std[:, None] ** 2 * self.score(x, sigma)) / alpha[:, None]
-
-
 class SigmaMLP(nn.Module):
-    """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio and score nets.
+    """f(c_in x, fourier(c_noise)) with EDM input preconditioning; base of the ratio net and the denoiser.
     The toy task is unconditional: the class/augmentation label arguments of the image nets are
     accepted for a common call signature and unused."""
 
@@ -70,12 +48,15 @@ class SigmaMLP(nn.Module):
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 4)
         self.net = _mlp(dim + 2 * n_freq, hidden, depth, out_dim)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The MLP's input [B, D + 2 n_freq]: c_in x and the Fourier features of c_noise."""
         alpha, std = noise_coefficients(sigma, self.schedule)
         c_in = torch.rsqrt((alpha * self.sigma_data) ** 2 + std**2)
         angles = (torch.log(sigma) / 4)[:, None] * self.freqs.to(x.dtype)
-        h = torch.cat([c_in[:, None] * x, torch.sin(angles), torch.cos(angles)], dim=1)
-        return self.net(h)
+        return torch.cat([c_in[:, None] * x, torch.sin(angles), torch.cos(angles)], dim=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
+        return self.net(self.features(x, sigma))
 
 
 class MLPRatio(SigmaMLP):
@@ -88,21 +69,25 @@ class MLPRatio(SigmaMLP):
         return super().forward(x, sigma).squeeze(1)
 
     @torch.no_grad()
-    def load_trunk(self, score: SigmaMLP) -> None:
-        """Start from a fitted score net's hidden layers (the toy analogue of the ratio UNet starting
+    def load_trunk(self, denoiser: SigmaMLP) -> None:
+        """Start from a fitted denoiser's hidden layers (the toy analogue of the ratio UNet starting
         from the teacher's encoder); the scalar head stays fresh."""
-        for mine, theirs in zip(self.net[:-1], score.net[:-1]):
+        for mine, theirs in zip(self.net[:-1], denoiser.net[:-1]):
             if isinstance(mine, nn.Linear):
                 mine.weight.copy_(theirs.weight)
                 mine.bias.copy_(theirs.bias)
 
 
-class MLPScore(SigmaMLP):
-    """Score network s(x_t, sigma) = -eps_hat(x_t, sigma) / std(sigma) [B, D] (noise prediction)."""
+class MLPDenoiser(SigmaMLP):
+    """Denoiser D(x; sigma) = x - sigma F(c_in x, c_noise) [B, D] of x = x0 + sigma n, EDM's Precond
+    interface: the toy teacher, and, through ``fastratio.networks.from_denoiser``, the generator and
+    the scores, as on images. F predicts the noise (EDM Table 1's VE preconditioning, c_skip = 1 and
+    c_out = sigma, with EDM's c_in): the score through it is -F / std, what stage 1's noise-prediction
+    DSM loss fits. EDM's own c_skip, c_out with EDM's loss were measured and not adopted (README,
+    "Measured on the toy suite")."""
 
-    def __init__(self, dim: int, hidden: int, depth: int, sigma_data: float, schedule: str):
-        super().__init__(dim, dim, hidden, depth, sigma_data, schedule)
+    def __init__(self, dim: int, hidden: int, depth: int, sigma_data: float):
+        super().__init__(dim, dim, hidden, depth, sigma_data, "ve")
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, augment_labels=None) -> torch.Tensor:
-        _, std = noise_coefficients(sigma, self.schedule)
-        return -super().forward(x, sigma) / std[:, None]
+        return x - sigma[:, None] * super().forward(x, sigma)

@@ -27,7 +27,8 @@ from ..images import save_grid, to_uint8
 from ..latents import LatentScaling, decode, load_vae
 from ..networks.denoisers import build_denoiser
 from ..networks.edm2 import Block as EDM2Block
-from ..networks.image import DenoiserScore, OneStepGenerator, RatioUNet
+from ..networks.from_denoiser import DenoiserScore, OneStepGenerator
+from ..networks.image import RatioUNet
 from ..networks.unet import Precond, UNetBlock
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores

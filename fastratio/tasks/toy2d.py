@@ -14,7 +14,8 @@ import torch
 from .. import toy
 from ..atomic import atomic_write
 from ..config import Config
-from ..networks.mlp import MLPDenoiserGenerator, MLPGenerator, MLPRatio, MLPScore
+from ..networks.from_denoiser import DenoiserScore, OneStepGenerator
+from ..networks.mlp import MLPDenoiser, MLPGenerator, MLPRatio
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
 
@@ -34,22 +35,31 @@ class Toy2DTask:
         self.mixture_dev = self.mixture.to(device, torch.float32)
         self.latent_dim = self.mixture.dim if cfg.model.generator_from_teacher else cfg.model.latent_dim
 
+    def build_teacher(self) -> MLPDenoiser:
+        """A denoiser of the teacher's architecture (fresh weights): the teacher, and the body of the
+        fake score and of the generator when they start from it."""
+        m = self.cfg.model
+        return MLPDenoiser(self.mixture.dim, m.score_hidden, m.score_depth, m.sigma_data).to(self.device)
+
     def build_networks(self) -> Networks:
+        """The networks stage 2 trains or reads. The teacher is among them only when the method reads
+        its score (VSD, Di-Bregman with a teacher); otherwise stage 1 (``train.pretrain_teacher``) fits
+        it, the nets start from it, and it is dropped, as on images."""
         m, schedule, dim = self.cfg.model, self.cfg.noise.schedule, self.mixture.dim
         method = self.cfg.method.name
 
-        def score_net() -> MLPScore:
-            return MLPScore(dim, m.score_hidden, m.score_depth, m.sigma_data, schedule)
+        def score_net() -> DenoiserScore:
+            return DenoiserScore(self.build_teacher(), schedule)
 
         if m.generator_from_teacher:
-            generator = MLPDenoiserGenerator(score_net(), m.sigma_init)
+            generator = OneStepGenerator(self.build_teacher(), m.sigma_init)
         else:
             generator = MLPGenerator(m.latent_dim, dim, m.gen_hidden, m.gen_depth)
         nets = Networks(generator=generator)
         if needs_ratio(method):
             width, depth = (m.score_hidden, m.score_depth) if m.ratio_from_teacher else (m.ratio_hidden, m.ratio_depth)
             nets.ratio = MLPRatio(dim, width, depth, m.sigma_data, schedule)
-        if needs_teacher(self.cfg):
+        if needs_scores(method):
             nets.teacher = score_net()
         if needs_scores(method):
             nets.fake_score = score_net()
