@@ -115,7 +115,7 @@ class MethodConfig:
 @dataclass
 class TeacherConfig:
     checkpoint: str = ""  # images, stage 2: teacher file (a fastratio teacher run's ckpt-*.pt or an EDM *.pkl)
-    loss: str = "edm"  # images, stage 1 (method.name=teacher): EDM loss edm | vp | ve (EDM Table 1) | edm2 (EDM2 Eq. 21: learned uncertainty, ln sigma ~ N(noise.p_mean, noise.p_std^2))
+    loss: str = "edm"  # stage 1 (images: method.name=teacher; toy: the in-run fit): EDM loss edm | vp | ve (EDM Table 1) | edm2 (EDM2 Eq. 21: learned uncertainty, ln sigma ~ N(noise.p_mean, noise.p_std^2))
     sample_steps: int = 18  # Heun sampler steps for teacher samples (EDM: 18 on CIFAR-10, 35 evaluations)
 
 
@@ -362,6 +362,8 @@ def _validate_images(cfg: Config) -> None:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} does not fit data.kind {cfg.data.kind!r} (toy2d uses mlp, images ddpmpp or adm)")
     if toy and cfg.method.name == "teacher":
         raise ConfigError("method.name: 'teacher' runs are for images; the toy teacher is fitted by method.teacher_steps")
+    if toy and cfg.teacher.loss == "edm2":
+        raise ConfigError("teacher.loss: 'edm2' needs EDM2's uncertainty head, which the toy MLP teacher lacks; use edm, vp or ve")
     if not cfg.model.channel_mult or any(m <= 0 for m in cfg.model.channel_mult):
         raise ConfigError(f"model.channel_mult: expected positive multipliers, got {cfg.model.channel_mult}")
     for key in ("augment.p", "augment.aniso_rotate_prob"):

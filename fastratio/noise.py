@@ -69,12 +69,13 @@ _VE_SIGMA_MIN, _VE_SIGMA_MAX = 0.02, 100.0
 
 def teacher_sigma(loss: str, n: int, draws: Draws, device: torch.device, sigma_data: float,
                   p_mean: float = -0.4, p_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma [n], lambda(sigma) [n]) of EDM's training losses (Table 1): edm (ln sigma ~ N(-1.2, 1.2^2),
-    lambda = (sigma^2 + sd^2)/(sigma sd)^2), vp (sigma(t), t ~ U(eps_t, 1), lambda = 1/sigma^2),
+    """(sigma [n], lambda(sigma) [n]) of EDM's training losses (Table 1): edm (ln sigma ~ N(-1.2, 1.2^2)
+    for sigma_data = 0.5, the mean shifted by ln(sigma_data / 0.5) so the law scales with the data as
+    the preconditioning does: -0.51 for the toy's standardised data; lambda = (sigma^2 + sd^2)/(sigma sd)^2), vp (sigma(t), t ~ U(eps_t, 1), lambda = 1/sigma^2),
     ve (sigma log-uniform on [0.02, 100], lambda = 1/sigma^2); edm2 as edm with ln sigma ~
     N(p_mean, p_std^2) (EDM2: -0.4, 1.0 at 512x512; -0.8, 1.6 at 64x64)."""
     if loss in ("edm", "edm2"):  # a normal draw, as EDM's loss.py (see sample_sigma)
-        mean, std = (-1.2, 1.2) if loss == "edm" else (p_mean, p_std)
+        mean, std = (-1.2 + math.log(sigma_data / 0.5), 1.2) if loss == "edm" else (p_mean, p_std)
         sigma = torch.exp(mean + std * draws.randn((n,), device))
         return sigma, loss_weight(sigma, "edm", sigma_data)
     u = draws.rand((n,), device)

@@ -46,6 +46,10 @@ def test_teacher_sigma_laws_are_edms_table_1():
     sigma, weight = teacher_sigma("edm", 200_000, g, torch.device("cpu"), sigma_data=0.5)
     assert abs(float(sigma.log().mean()) + 1.2) < 0.01 and abs(float(sigma.log().std()) - 1.2) < 0.01
     torch.testing.assert_close(weight, (sigma**2 + 0.25) / (sigma * 0.5) ** 2)
+    # The law scales with the data: for sigma_data = 1 (the toy) sigma / 2 has EDM's law.
+    sigma, weight = teacher_sigma("edm", 200_000, g, torch.device("cpu"), sigma_data=1.0)
+    assert abs(float((sigma / 2).log().mean()) + 1.2) < 0.01 and abs(float(sigma.log().std()) - 1.2) < 0.01
+    torch.testing.assert_close(weight, (sigma**2 + 1) / sigma**2)
     sigma, weight = teacher_sigma("ve", 200_000, g, torch.device("cpu"), sigma_data=0.5)
     assert sigma.min() >= 0.02 and sigma.max() <= 100
     # log-uniform: log sigma uniform on [log 0.02, log 100], mean at the midpoint

