@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -134,12 +135,23 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
         pass
 
 
+def _largest_tensor_record(path: Path) -> int:
+    """Offset of the first data byte of the checkpoint's largest tensor record (torch's zip format)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: name and extra-field lengths at bytes 26-29
+    assert local[:4] == b"PK\x03\x04" and info.file_size > 200
+    return info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+
+
 def test_a_flipped_bit_is_found_and_resume_falls_back(tmp_path):
     run = tmp_path / "run"
     train(_cfg(run))
     newest = checkpoint.checkpoint_path(run, 4)
     raw = bytearray(newest.read_bytes())
-    raw[len(raw) // 2] ^= 0x10  # inside a tensor record
+    raw[_largest_tensor_record(newest) + 100] ^= 0x10  # inside a tensor's bytes, not the archive's padding
     newest.write_bytes(bytes(raw))
     with pytest.raises(checkpoint.CorruptCheckpoint):
         checkpoint.load(newest)
