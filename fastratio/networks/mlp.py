@@ -85,7 +85,7 @@ class MLPDenoiser(SigmaMLP):
     and, through ``fastratio.networks.from_denoiser``, the generator and the scores, as on images.
     At sigma_init = 2.5 the generator's output is 0.14 x + 0.93 F; a noise predictor (x - sigma F)
     would have to cancel its input 2.5 z to within the modes' widths (README, "Measured on the toy
-    suite": it left spiral6 at 2.6-3.1x an exact sample's energy distance, 1.5-1.8x with this)."""
+    suite": it left spiral6 at 2.6-3.1x an exact sample's energy distance, 1.6-1.8x with this)."""
 
     def __init__(self, dim: int, hidden: int, depth: int, sigma_data: float):
         super().__init__(dim, dim, hidden, depth, sigma_data, "ve")
