@@ -123,7 +123,7 @@ class TeacherStep:
         sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.draws, x.device, cfg.model.sigma_data,
                                                                cfg.noise.p_mean, cfg.noise.p_std))
         noise = shard.take(self.draws.randn((n, *x.shape[1:]), x.device))
-        noisy = x + sigma.reshape((-1,) + (1,) * (x.dim() - 1)) * noise
+        noisy = add_noise(x, sigma, noise, "ve")  # EDM's teachers denoise x + sigma n, whatever the run's schedule
         with autocast(cfg, x.device):
             if cfg.teacher.loss == "edm2":  # EDM2 networks take no augmentation labels (config refuses augment.p > 0)
                 denoised, logvar = self.denoiser(noisy, sigma, labels_real, return_logvar=True)
