@@ -44,11 +44,15 @@ def noise_coefficients(sigma: torch.Tensor, schedule: str) -> tuple[torch.Tensor
     raise ValueError(f"unknown noise schedule {schedule!r}")
 
 
+def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample [B] coefficient shaped to broadcast against ``like`` [B, ...]."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, schedule: str) -> torch.Tensor:
     """x_t = alpha(sigma) x0 + std(sigma) eps, broadcasting the per-sample [B] coefficients."""
     alpha, std = noise_coefficients(sigma, schedule)
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    return alpha.reshape(shape) * x0 + std.reshape(shape) * eps
+    return expand(alpha, x0) * x0 + expand(std, x0) * eps
 
 
 def loss_weight(sigma: torch.Tensor, kind: str, sigma_data: float = 1.0) -> torch.Tensor:

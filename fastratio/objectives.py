@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .noise import expand
+
 # exp(80) ~ 5.5e34 is finite in float32 and bfloat16; a weight beyond it would overflow the
 # gradient it multiplies anyway, so exponential Bregman weights saturate there.
 MAX_LOG_WEIGHT = 80.0
@@ -91,10 +93,6 @@ def generator_potential(logit: torch.Tensor, objective: str, sba_lambda: float =
     raise ValueError(f"unknown generator objective {objective!r}")
 
 
-def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_sample.reshape(per_sample.shape[0], *([1] * (like.dim() - 1)))
-
-
 def ratio_direction(
     logit: torch.Tensor, grad_logit: torch.Tensor, weight_sigma: torch.Tensor, objective: str, sba_lambda: float = 5.0
 ) -> torch.Tensor:
@@ -107,7 +105,7 @@ def ratio_direction(
     logit: [B]; grad_logit: [B, ...] = d l / d x_t; weight_sigma: [B] = w(sigma). Returns [B, ...].
     """
     scale = -weight_sigma * generator_weight(logit, objective, sba_lambda)
-    return _expand(scale, grad_logit) * grad_logit
+    return expand(scale, grad_logit) * grad_logit
 
 
 def score_difference_direction(
@@ -119,7 +117,7 @@ def score_difference_direction(
     with ratio_weight = generator_weight(l, objective) it is Di-Bregman with a teacher (Eq. 4).
     """
     scale = weight_sigma if ratio_weight is None else weight_sigma * ratio_weight
-    return _expand(scale, score_fake) * (score_fake - score_teacher)
+    return expand(scale, score_fake) * (score_fake - score_teacher)
 
 
 def gan_direction(logit: torch.Tensor, grad_logit: torch.Tensor) -> torch.Tensor:
@@ -128,7 +126,7 @@ def gan_direction(logit: torch.Tensor, grad_logit: torch.Tensor) -> torch.Tensor
     d/dx_t [-log sigmoid(l)] = -sigmoid(-l) grad_x l. Its potential is softplus(-l).
 
     logit: [B]; grad_logit: [B, ...]. Returns [B, ...]; the caller scales it by w_GAN (no w(sigma))."""
-    return _expand(-torch.sigmoid(-logit), grad_logit) * grad_logit
+    return expand(-torch.sigmoid(-logit), grad_logit) * grad_logit
 
 
 def surrogate_loss(direction: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
@@ -144,7 +142,7 @@ def dsm_loss(score: torch.Tensor, noise: torch.Tensor, noise_std: torch.Tensor, 
     For x_t = alpha x0 + std * eps the kernel score is -eps / std. score, noise: [B, ...];
     noise_std, weight_sigma: [B]. Returns [B].
     """
-    target = -noise / _expand(noise_std, noise)
+    target = -noise / expand(noise_std, noise)
     return weight_sigma * 0.5 * _per_sample_sum((score - target) ** 2)
 
 
@@ -157,7 +155,7 @@ def denoiser_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: tor
 def uncertainty_loss(denoised: torch.Tensor, clean: torch.Tensor, weight_sigma: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """EDM2's loss with learned uncertainty u(sigma) (Karras et al. 2024, Eq. 21): per element
     lambda(sigma) / e^u ||D - x||^2 + u, summed per sample [B]. logvar: [B, 1, 1, 1]; weight_sigma: [B]."""
-    per_element = _expand(weight_sigma, denoised) / logvar.exp() * (denoised - clean) ** 2 + logvar
+    per_element = expand(weight_sigma, denoised) / logvar.exp() * (denoised - clean) ** 2 + logvar
     return _per_sample_sum(per_element)
 
 

@@ -25,7 +25,7 @@ from . import objectives, ops
 from .augment import augment
 from .config import Config
 from .draws import Draws
-from .noise import add_noise, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
+from .noise import add_noise, expand, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
 from .optim import optimizer_step
 from .shard import SINGLE, Shard
 
@@ -262,7 +262,7 @@ class TrainStep:
             metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
         else:
             direction, metrics = self.generator_direction(x_t, sigma, labels)
-            direction = direction * alpha.reshape((-1,) + (1,) * (direction.dim() - 1))
+            direction = direction * expand(alpha, direction)
         with self._autocast():
             x0 = self.wrapped["generator"](z, labels).float()
         if fused:

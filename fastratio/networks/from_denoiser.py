@@ -7,12 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..noise import noise_coefficients
-
-
-def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample [B] coefficient shaped to broadcast against ``like`` [B, ...]."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+from ..noise import expand, noise_coefficients
 
 
 class OneStepGenerator(nn.Module):

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..noise import noise_coefficients
+from ..noise import expand, noise_coefficients
 from .edm2 import UNet as EDM2UNet
-from .from_denoiser import expand
 from .unet import ARCHITECTURES, GroupNorm, Linear, Precond
 
 
