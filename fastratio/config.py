@@ -46,7 +46,7 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 class RunConfig:
     out_dir: str = "runs/toy2d"  # run folder: config, metrics, checkpoints, plots
     seed: int = 0  # seeds every random stream of the run
-    steps: int = 5000  # generator updates
+    steps: int = 10000  # generator updates
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "auto"  # triton | torch | auto (triton on CUDA or under TRITON_INTERPRET=1); env FASTRATIO_KERNELS wins
     log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
@@ -84,8 +84,8 @@ class ModelConfig:
     gen_depth: int = 3  # toy, generator_from_teacher=false: generator hidden layers
     ratio_hidden: int = 256  # toy, ratio_from_teacher=false: ratio-network MLP width (from the teacher: the teacher's trunk)
     ratio_depth: int = 3  # toy, ratio_from_teacher=false: ratio-network hidden layers
-    score_hidden: int = 181  # toy: score-network width (teacher, fake score, and the nets started from the teacher)
-    score_depth: int = 3  # toy: score-network hidden layers
+    score_hidden: int = 256  # toy: score-network width (teacher, fake score, and the nets started from the teacher)
+    score_depth: int = 4  # toy: score-network hidden layers
     sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning (images: 0.5)
     arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet) | edm2 (EDM2's magnitude-preserving UNet)
     size: str = ""  # edm2: a train_edm2.py img512 preset (xxs..xxl): sets model.channels and model.dropout (and for a teacher run optim.teacher_lr), names the released teacher in teacher.checkpoint's {release}
@@ -109,7 +109,7 @@ class MethodConfig:
     ratio_steps: int = 2  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
-    teacher_steps: int = 10000  # toy stage 1: denoising-score-matching steps of the teacher
+    teacher_steps: int = 20000  # toy stage 1: denoising-score-matching steps of the teacher
 
 
 @dataclass
@@ -144,7 +144,7 @@ class NoiseConfig:
     p_std: float = 1.2  # lognormal: std of log sigma
     sigma_fixed: float = 2.5  # fixed: the single noise level
     sigma_min: float = 0.01  # loguniform/uniform: lower bound
-    sigma_max: float = 1.0  # loguniform/uniform: upper bound
+    sigma_max: float = 3.0  # loguniform/uniform: upper bound
     weighting: str = "sigma2"  # w(sigma) of the generator update: sigma2 (the papers) | none | edm
 
 
@@ -175,7 +175,7 @@ class OptimConfig:
     lr_ref_batches: float = 250.0  # edm2 schedule: batches before the inverse-square-root decay starts (img512: 70000, img64: 35000)
     lr_rampup_mimg: float = 0.0  # edm2 schedule: linear warm-up, millions of images (0: none; img512: 10)
     ema_std: float = 0.0  # > 0: EDM2's power-function EMA of the trained network with this relative std (e.g. 0.05) instead of the half-life
-    ema_halflife_kimg: float = 20.0  # EMA half-life of the generator, thousands of images
+    ema_halflife_kimg: float = 100.0  # EMA half-life of the generator, thousands of images
     ema_rampup: float = 0.05  # half-life at most this fraction of images seen so far (0: off)
     ratio_ema_halflife_kimg: float = 20.0  # EMA of the ratio net, read by the best-of-N verifier (fastratio.verifier)
 
