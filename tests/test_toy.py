@@ -114,6 +114,13 @@ def test_metrics_separate_good_and_bad_samples():
     assert toy.cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(math.sqrt(0.5))
 
 
+def test_criterion_names_each_miss():
+    good = {"eval_modes_covered": 8, "eval_modes": 8, "eval_mass_tv": 0.1, "eval_energy_distance": 0.03, "eval_energy_distance_true": 0.01}
+    assert toy.criterion_failures(good) == []
+    misses = toy.criterion_failures({**good, "eval_modes_covered": 7, "eval_mass_tv": 0.11, "eval_energy_distance": 0.0301})
+    assert misses == ["7 of 8 modes covered", "mass TV 0.110 > 0.1", "energy distance 3.01x an exact sample's > 3.0x"]
+
+
 @pytest.mark.parametrize("name", sorted(toy.MIXTURES))
 def test_standardized_mixture_has_zero_mean_and_unit_variance(name):
     raw = toy.MIXTURES[name]()

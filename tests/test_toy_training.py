@@ -1,8 +1,8 @@
 """The embedded default (configs/toy2d.yaml) against the closed-form oracles.
 
-Criterion (README, "Measured on the toy suite"): every mode covered, the mass on each mode's basin
-within total variation 0.1 of the true weights, and an energy distance within 3x that of an exact
-sample of the same size. The default meets it on every mixture of the family (ring8, spiral6,
+Criterion (``toy.criterion_failures``, README "Measured on the toy suite"): every mode covered, the
+mass on each mode's basin within total variation 0.1 of the true weights, and an energy distance
+within 3x that of an exact sample of the same size. The default meets it on every mixture of the family (ring8, spiral6,
 rings25, grid20, petals12) with DiJS and with VSD: those full-length runs (10-15 min each on one
 core) are the slow tests below. CI runs the fast version of the same check: the default with half
 the teacher and generator steps, on ring8 (DiJS and VSD) and on issue 17's spiral6 (DiJS).
@@ -20,8 +20,6 @@ from fastratio.tasks.toy2d import Toy2DTask
 from fastratio.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-MASS_TV = 0.1
-FAMILY = ("ring8", "spiral6", "rings25", "grid20", "petals12")
 # The fast version: every other setting is the default's.
 FAST = ["run.steps=5000", "method.teacher_steps=10000"]
 
@@ -38,9 +36,8 @@ def _final(tmp_path, overrides: list[str]) -> dict:
 
 
 def _passes(final: dict, mixture: str) -> None:
-    assert final["eval_modes_covered"] == len(toy.MIXTURES[mixture]().weights)
-    assert final["eval_mass_tv"] <= MASS_TV
-    assert final["eval_energy_distance"] <= 3.0 * final["eval_energy_distance_true"]
+    assert final["eval_modes"] == len(toy.MIXTURES[mixture]().weights)
+    assert toy.criterion_failures(final) == []
 
 
 def test_toy_default_dijs_covers_all_modes(tmp_path):
@@ -62,7 +59,7 @@ def test_toy_default_vsd(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dijs", "vsd"])
-@pytest.mark.parametrize("mixture", FAMILY)
+@pytest.mark.parametrize("mixture", toy.FAMILY)
 def test_toy_default_passes_the_family(tmp_path, mixture, method):
     """The default, unchanged but for the mixture and the method, at its full length."""
     _passes(_final(tmp_path, [f"data.mixture={mixture}"] + (["method.name=vsd"] if method == "vsd" else [])), mixture)

@@ -99,6 +99,7 @@ class Toy2DTask:
             # What a perfect generator scores at this sample size: the yardstick for energy_distance.
             "energy_distance_true": toy.energy_distance(fresh, reference),
             "modes_covered": coverage["modes_covered"],
+            "modes": coverage["modes"],
             "high_quality": coverage["high_quality"],
         }
 
