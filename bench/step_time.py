@@ -74,7 +74,7 @@ def _config(root, data, teacher, size, cfg_model, method, mode, precision) -> co
         "run": {"out_dir": str(root / "run"), "device": "auto", "precision": precision, "progress": False},
         "data": {"kind": "npz", "path": str(data)},
         "model": model,
-        "method": {"name": method, "objective": "dijs", "ratio_steps": 1},  # the papers' one ratio step per generator step
+        "method": {"name": method, "objective": "dijs", "ratio_steps": 1, "fake_score_steps": 1},  # the papers' one ratio step per generator step
         "teacher": {"checkpoint": str(teacher) if teacher else "", "loss": "edm2" if model["arch"] == "edm2" else "edm"},
         "noise": {"schedule": "ve", "sigma_dist": "loguniform", "sigma_min": 0.002, "sigma_max": 80.0, "weighting": "sigma2"},
         "optim": {"batch_size": size["batch"], "gen_lr": 1e-5, "ratio_lr": 1e-5, "beta1": 0.0, "beta2": 0.999, "lr_schedule": "constant"},

@@ -106,7 +106,8 @@ class MethodConfig:
     name: str = "diffratio"  # diffratio (ratio net only) | vsd (teacher + fake score) | dibregman (both)
     objective: str = "dijs"  # generator weight: dikl | dijs | dirm | lr | kl | be | ls | sba
     sba_lambda: float = 5.0  # lambda of the SBA Bregman weight exp(-lambda * l)
-    ratio_steps: int = 2  # ratio (or fake-score) updates per generator update; each reuses the step's batch with fresh noise
+    ratio_steps: int = 2  # ratio-network updates per generator update; each reuses the step's batch with fresh noise
+    fake_score_steps: int = 5  # vsd, dibregman: fake-score updates per generator update (DMD2's two time-scale rule), batch reused likewise
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
     teacher_steps: int = 20000  # toy stage 1: denoising-score-matching steps of the teacher
@@ -219,7 +220,7 @@ _POSITIVE = (
     "run.steps", "run.log_every", "run.eval_every", "run.ckpt_every", "run.keep_ckpts",
     "data.eval_samples", "model.latent_dim", "model.gen_hidden", "model.gen_depth",
     "model.ratio_hidden", "model.ratio_depth", "model.score_hidden", "model.score_depth",
-    "model.sigma_data", "method.ratio_steps", "noise.sigma_fixed", "noise.sigma_min",
+    "model.sigma_data", "method.ratio_steps", "method.fake_score_steps", "noise.sigma_fixed", "noise.sigma_min",
     "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
     "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
     "data.memory_budget_gb", "data.prefetch", "optim.lr_ref_batches",
@@ -303,7 +304,7 @@ _UPPER = {
     "run.seed": 2**63 - 1, "run.steps": 10**10, "run.keep_ckpts": 10**4, "optim.batch_size": 2**20, "data.eval_samples": 10**7,
     "data.max_images": 10**10, "model.latent_dim": 2**16, "model.gen_hidden": 2**16, "model.gen_depth": 256, "model.ratio_hidden": 2**16,
     "model.ratio_depth": 256, "model.score_hidden": 2**16, "model.score_depth": 256, "model.channels": 4096, "model.num_blocks": 64,
-    "model.augment_dim": 64, "method.ratio_steps": 1000, "method.teacher_steps": 10**8, "teacher.sample_steps": 10**4,
+    "model.augment_dim": 64, "method.ratio_steps": 1000, "method.fake_score_steps": 1000, "method.teacher_steps": 10**8, "teacher.sample_steps": 10**4,
     "eval.fid_samples": 10**7, "step.warmup_steps": 10**4, "model.dropout": 1.0, "optim.grad_clip": 1e30,
     "data.workers": 256, "data.prefetch": 1024, "data.timeout_s": 1e6, "data.memory_budget_gb": 1e6,
 }

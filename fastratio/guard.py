@@ -77,7 +77,9 @@ class DivergenceWatch:
         self._check_explosion(step, losses or {}, last_good)
 
     _WATCHED = ("_loss", "_grad_norm", "_direction_norm")
-    _MIN_HISTORY = 5  # log lines before a median counts
+    # From the second log line on: a two-score run exploded between its first and second line (VSD
+    # on ring8, fake-score loss 0.86 -> 1.4e8), and a median over exploded lines would never trip.
+    _MIN_HISTORY = 1
 
     def _check_explosion(self, step: int, losses: dict[str, float], last_good: str) -> None:
         if self.explode_factor <= 0:

@@ -283,10 +283,12 @@ class TrainStep:
         metrics: dict[str, torch.Tensor] = {}
         with torch.no_grad(), self._autocast():
             x_fake = self.nets.generator(z, labels_fake).float()
-        for _ in range(self.cfg.method.ratio_steps):
-            if needs_ratio(self.method):
+        ratio_steps = self.cfg.method.ratio_steps if needs_ratio(self.method) else 0
+        fake_steps = self.cfg.method.fake_score_steps if needs_scores(self.method) else 0
+        for i in range(max(ratio_steps, fake_steps)):
+            if i < ratio_steps:
                 metrics.update(self.ratio_update(x_real, x_fake, labels_real, labels_fake))
-            if needs_scores(self.method):
+            if i < fake_steps:
                 metrics.update(self.fake_score_update(x_fake, labels_fake))
         metrics.update(self.generator_update(z, x_fake, labels_fake))
         return metrics

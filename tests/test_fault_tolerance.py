@@ -133,6 +133,10 @@ def test_a_finite_explosion_stops_naming_the_metric_step_and_last_good_checkpoin
                                                r"last good checkpoint: .*ckpt-000000020.pt \(kept\)"):
         train(cfg)
     assert [checkpoint.load(p)["step"] for p in checkpoint.list_checkpoints(tmp_path)] == [20]
+    # An explosion between the first and the second log line stops too.
+    calls["n"] = 27  # the 33rd call is step 6: the first log line (step 5) is normal
+    with pytest.raises(TrainingDiverged, match=r"gen_grad_norm exploded to .* at step 10, "):
+        train(config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path / 'early'}", "run.log_every=5"]))
     # The factor is the user's: 0 turns the check off.
     calls["n"] = 0
     train(config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path / 'off'}", "run.log_every=5", "run.explode_factor=0"]))
