@@ -77,7 +77,7 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     decayed linearly to 0 over the second half, as a real teacher is a converged, averaged network:
     the last iterate of a constant-rate fit is noise-limited (standardised ring8, 10,000 steps, the
     noise-prediction fit of session 7: score error 24% of the exact score at sigma = 0.1 vs 7% with
-    the decay; the EDM fit here: 7%, tests/test_toy_training.py)."""
+    the decay; the default's fit here: 5%, README "Measured on the toy suite")."""
     teacher = nets.teacher.denoiser if nets.teacher is not None else task.build_teacher()
     lr, steps = cfg.optim.teacher_lr, cfg.method.teacher_steps
     opt = make_adam(teacher.parameters(), lr, cfg)

@@ -2,10 +2,11 @@
 
 Criterion (``toy.criterion_failures``, README "Measured on the toy suite"): every mode covered, the
 mass on each mode's basin within total variation 0.1 of the true weights, and an energy distance
-within 3x that of an exact sample of the same size. The default meets it on every mixture of the family (ring8, spiral6,
-rings25, grid20, petals12) with DiJS and with VSD: those full-length runs (10-15 min each on one
-core) are the slow tests below. CI runs the fast version of the same check: the default with half
-the teacher and generator steps, on ring8 (DiJS and VSD) and on issue 17's spiral6 (DiJS).
+within 3x that of an exact sample of the same size. With DiJS the default meets it on every
+mixture of the family (ring8, spiral6, rings25, grid20, petals12); with VSD not yet everywhere
+(``VSD_MISSES``). The full-length runs (5-10 min each on one core; ``bench/toy_family.py`` runs
+them all) are the slow tests below. CI runs the fast version of the same check: the default with
+half the teacher and generator steps, on ring8 (DiJS and VSD) and on issue 17's spiral6 (DiJS).
 """
 
 from pathlib import Path
@@ -57,18 +58,25 @@ def test_toy_default_vsd(tmp_path):
     _check_teacher(tmp_path)
 
 
+# Cells the default misses (README, "Measured on the toy suite": late in a run VSD's energy distance
+# swings 2-4x between evaluations). Strict: a cell that starts passing fails here until removed.
+VSD_MISSES = {"spiral6", "rings25"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dijs", "vsd"])
 @pytest.mark.parametrize("mixture", toy.FAMILY)
-def test_toy_default_passes_the_family(tmp_path, mixture, method):
+def test_toy_default_passes_the_family(tmp_path, mixture, method, request):
     """The default, unchanged but for the mixture and the method, at its full length."""
+    if method == "vsd" and mixture in VSD_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="VSD misses this cell at the default (README)"))
     _passes(_final(tmp_path, [f"data.mixture={mixture}"] + (["method.name=vsd"] if method == "vsd" else [])), mixture)
 
 
 def _check_teacher(run_dir: Path) -> None:
     """The stage-1 teacher against the exact score of the standardised mixture: a constant-rate,
-    un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (2-8% now at
-    sigma 0.05-1 on ring8; below 0.05 the error grows, 26% at 0.02: README)."""
+    un-averaged fit of the same length kept 17-31% relative error at sigma 0.05-0.3 (the default's
+    20,000-step fit on ring8: 2-5% at sigma 0.05-1; below 0.05 the error grows, 19% at 0.02: README)."""
     _, state = checkpoint.load_latest(run_dir)
     task = Toy2DTask(config.load(run_dir / "config.yaml"), torch.device("cpu"))
     teacher = DenoiserScore(task.build_teacher(), task.cfg.noise.schedule)
