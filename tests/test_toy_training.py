@@ -4,7 +4,7 @@ Criterion (``toy.criterion_failures``, README "Measured on the toy suite"): ever
 mass on each mode's basin within total variation 0.1 of the true weights, and an energy distance
 within 3x that of an exact sample of the same size. With DiJS the default meets it on every
 mixture of the family (ring8, spiral6, rings25, grid20, petals12); with VSD not yet everywhere
-(``VSD_MISSES``). The full-length runs (5-10 min each on one core; ``bench/toy_family.py`` runs
+(``VSD_MISSES``). The full-length runs (6-19 min each on one core; ``bench/toy_family.py`` runs
 them all) are the slow tests below. CI runs the fast version of the same check: the default with
 half the teacher and generator steps, on ring8 (DiJS and VSD) and on issue 17's spiral6 (DiJS).
 """
