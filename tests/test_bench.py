@@ -1,4 +1,4 @@
-"""bench/step_time.py at its tiny CPU size: runs the real step in each mode and writes valid JSON."""
+"""The bench scripts at tiny sizes: each runs the real code and writes valid rows (step_time, data_throughput, toy_family)."""
 
 import json
 import os
@@ -44,3 +44,31 @@ def test_data_throughput_measures_both_layouts_and_derives_workers_per_gpu(tmp_p
     for need in result["needs"]:
         assert need["workers_per_gpu"] == -(-need["images_per_s_per_gpu"] // per_worker)
     assert result["environment"]["commit"] and result["peak_rss_mb"] > 0
+
+
+def test_toy_family_rows_carry_the_final_evaluation_and_the_criterions_verdict(tmp_path):
+    from fastratio import toy
+    from fastratio.runlog import read_jsonl
+
+    tiny = ["--set", "run.steps=40", "--set", "method.teacher_steps=20", "--set", "run.eval_every=20", "--set", "run.log_every=10",
+            "--set", "model.score_hidden=16", "--set", "data.eval_samples=200"]
+    out = tmp_path / "family.json"
+    cmd = [sys.executable, "bench/toy_family.py", "--mixtures", "ring8", "--work", str(tmp_path / "runs"), "--out", str(out), *tiny]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    rows = json.loads(out.read_text())
+    assert [(r["mixture"], r["method"], r["step"]) for r in rows] == [("ring8", "dijs", 40), ("ring8", "vsd", 40)]
+    for r in rows:
+        final = read_jsonl(tmp_path / "runs" / f"ring8_{r['method']}_seed0" / "metrics.jsonl")[-1]
+        assert r["energy_distance_ratio"] == final["eval_energy_distance"] / final["eval_energy_distance_true"]
+        assert r["failures"] == toy.criterion_failures(final) and r["modes"] == 8 and r["commit"]
+    # 40 steps do not fit a mixture: the exit status says a cell failed.
+    assert proc.returncode == (1 if any(r["failures"] for r in rows) else 0)
+    # A run the divergence guard stops is a failed row naming why, not a crash of the benchmark.
+    stopped = tmp_path / "stopped.json"
+    cmd = [sys.executable, "bench/toy_family.py", "--mixtures", "ring8", "--methods", "dijs", "--work", str(tmp_path / "runs2"),
+           "--out", str(stopped), *tiny, "--set", "run.explode_factor=1e-12"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (row,) = json.loads(stopped.read_text())
+    assert "step" not in row and len(row["failures"]) == 1
+    assert row["failures"][0].startswith("run stopped (exit 2): error: ") and "exploded" in row["failures"][0]
