@@ -110,7 +110,7 @@ class MethodConfig:
     fake_score_steps: int = 2  # vsd, dibregman: fake-score updates per generator update (DMD2's two time-scale rule), batch reused likewise
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
-    teacher_steps: int = 20000  # toy stage 1: denoising-score-matching steps of the teacher
+    teacher_steps: int = 50000  # toy stage 1: denoising-score-matching steps of the teacher
 
 
 @dataclass
