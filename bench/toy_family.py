@@ -7,7 +7,8 @@ Each cell is the main job, ``python -m fastratio.train configs/toy2d.yaml``, unc
 the mixture, the method, the seed and any ``--set``, run in its own process with one thread
 (``--jobs`` at a time). Rows hold the final evaluation (modes covered, mass total variation against
 an exact sample's, energy distance against an exact sample's, high-quality share), the verdict of
-``toy.criterion_failures`` and the wall time, with versions and commit. Runs are written under
+``toy.criterion_failures`` and the wall time, with versions and commit, and every evaluation of the
+run (``evaluations``: how much the result moves between evaluations, not only where it ended). Runs are written under
 ``--work`` (default: a temporary directory) and kept there.
 """
 
@@ -34,6 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"dijs": ["method.name=diffratio", "method.objective=dijs"], "vsd": ["method.name=vsd"]}
 
 
+def evaluations(records: list[dict]) -> list[dict]:
+    """Each evaluation of a run's metrics.jsonl: step, modes covered, mass TV, energy-distance multiple."""
+    return [{"step": r["step"], "modes_covered": r["eval_modes_covered"], "mass_tv": r["eval_mass_tv"],
+             "energy_distance_ratio": r["eval_energy_distance"] / r["eval_energy_distance_true"]}
+            for r in records if "eval_energy_distance" in r]
+
+
 def run_cell(mixture: str, method: str, seed: int, extra: list[str], work: Path) -> dict:
     out = work / f"{mixture}_{method}_seed{seed}"
     overrides = [f"data.mixture={mixture}", *METHODS[method], f"run.seed={seed}", f"run.out_dir={out}",
@@ -51,7 +59,8 @@ def run_cell(mixture: str, method: str, seed: int, extra: list[str], work: Path)
         # A run the divergence guard stopped is a result, not a crash of the benchmark.
         lines = done.stderr.strip().splitlines() or ["no output"]
         return {**row, "failures": [f"run stopped (exit {done.returncode}): {lines[-1]}"]}
-    final = read_jsonl(out / "metrics.jsonl")[-1]
+    records = read_jsonl(out / "metrics.jsonl")
+    final = records[-1]
     return {
         **row,
         "step": final["step"],
@@ -61,6 +70,7 @@ def run_cell(mixture: str, method: str, seed: int, extra: list[str], work: Path)
         "energy_distance_ratio": final["eval_energy_distance"] / final["eval_energy_distance_true"],
         "high_quality": final["eval_high_quality"],
         "failures": toy.criterion_failures(final),
+        "evaluations": evaluations(records),
     }
 
 

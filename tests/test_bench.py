@@ -61,6 +61,10 @@ def test_toy_family_rows_carry_the_final_evaluation_and_the_criterions_verdict(t
         final = read_jsonl(tmp_path / "runs" / f"ring8_{r['method']}_seed0" / "metrics.jsonl")[-1]
         assert r["energy_distance_ratio"] == final["eval_energy_distance"] / final["eval_energy_distance_true"]
         assert r["failures"] == toy.criterion_failures(final) and r["modes"] == 8 and r["commit"]
+        # Every evaluation (steps 20 and 40), the last one being the row's.
+        assert [e["step"] for e in r["evaluations"]] == [20, 40]
+        assert r["evaluations"][-1]["energy_distance_ratio"] == r["energy_distance_ratio"]
+        assert r["evaluations"][-1]["modes_covered"] == r["modes_covered"]
     # 40 steps do not fit a mixture: the exit status says a cell failed.
     assert proc.returncode == (1 if any(r["failures"] for r in rows) else 0)
     # A run the divergence guard stops is a failed row naming why, not a crash of the benchmark.
