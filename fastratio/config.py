@@ -97,6 +97,7 @@ class ModelConfig:
     augment_dim: int = 0  # images: 0, or 9 to condition on augmentation labels (EDM's CIFAR-10 checkpoints have 9)
     sigma_init: float = 2.5  # generator g(z) = D(sigma_init z; sigma_init) (toy: in units of the standardised data)
     ratio_from_teacher: bool = True  # start the ratio net from the teacher's encoder (toy: the teacher MLP's hidden layers)
+    exact_teacher: bool = False  # toy, vsd/dibregman: read the mixture's closed-form score as the teacher (stage 1 still fits the one the networks start from): isolates the teacher's error
     generator_from_teacher: bool = True  # start the generator from the teacher's weights (false: fresh random weights, toy: an MLP of z; the papers' ablation)
     checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward)
 
@@ -363,6 +364,8 @@ def _validate_images(cfg: Config) -> None:
         raise ConfigError(f"model.arch: {cfg.model.arch!r} does not fit data.kind {cfg.data.kind!r} (toy2d uses mlp, images ddpmpp or adm)")
     if toy and cfg.method.name == "teacher":
         raise ConfigError("method.name: 'teacher' runs are for images; the toy teacher is fitted by method.teacher_steps")
+    if cfg.model.exact_teacher and not (toy and cfg.method.name in ("vsd", "dibregman")):
+        raise ConfigError(f"model.exact_teacher: only for data.kind toy2d with a method that reads the teacher's score (vsd, dibregman), got {cfg.data.kind}, {cfg.method.name}")
     if toy and cfg.teacher.loss == "edm2":
         raise ConfigError("teacher.loss: 'edm2' needs EDM2's uncertainty head, which the toy MLP teacher lacks; use edm, vp or ve")
     if not cfg.model.channel_mult or any(m <= 0 for m in cfg.model.channel_mult):

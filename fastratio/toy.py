@@ -183,6 +183,18 @@ def criterion_failures(metrics: dict) -> list[str]:
     return failures
 
 
+class ExactScore(nn.Module):
+    """The closed-form score of a mixture's noised marginal, called as a score network (x_t, sigma):
+    the teacher a fitted one is measured against (``model.exact_teacher``). No parameters, no state."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: str):
+        super().__init__()
+        self.mixture, self.schedule = mixture, schedule
+
+    def forward(self, x_t, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
+        return self.mixture.score(x_t.double(), sigma.double(), self.schedule).to(x_t.dtype)
+
+
 class MixtureGenerator(nn.Module):
     """A generator whose output law is an exact Gaussian mixture: x = mu_k + L_k z, k ~ pi, z ~ N(0, I).
 

@@ -23,6 +23,7 @@ from .draws import Draws
 from .ema import EMA, ema_beta
 from .errors import ArgumentParser, UserError, os_error, run_cli
 from .guard import DivergenceWatch, StopRequest
+from .networks.from_denoiser import DenoiserScore
 from .optim import make_adam
 from .runfolder import RunFolder
 from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
@@ -78,7 +79,8 @@ def pretrain_teacher(task, nets: Networks, cfg: Config, rng: torch.Generator) ->
     the last iterate of a constant-rate fit is noise-limited (standardised ring8, 10,000 steps, the
     noise-prediction fit of session 7: score error 24% of the exact score at sigma = 0.1 vs 7% with
     the decay; the default's fit here: 5%, README "Measured on the toy suite")."""
-    teacher = nets.teacher.denoiser if nets.teacher is not None else task.build_teacher()
+    # With model.exact_teacher the score read is the closed form: the fit only starts the networks.
+    teacher = nets.teacher.denoiser if isinstance(nets.teacher, DenoiserScore) else task.build_teacher()
     lr, steps = cfg.optim.teacher_lr, cfg.method.teacher_steps
     opt = make_adam(teacher.parameters(), lr, cfg)
     fit = TeacherStep(cfg, Networks(teacher=teacher), {"teacher": opt}, Draws(rng))

@@ -43,6 +43,7 @@ def test_dump_round_trips(tmp_path):
         ("optim.batch_size.x=3", "optim.batch_size"),
         ("optim.beta2=1.0", "optim.beta"),
         ("teacher.loss=edm2", "teacher.loss"),  # the toy's MLP teacher has no uncertainty head
+        ("model.exact_teacher=true", "model.exact_teacher"),  # DiJS reads no teacher
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -2,12 +2,12 @@
 
 import torch
 
-from fastratio import config
+from fastratio import checkpoint, config
 from fastratio.networks.from_denoiser import DenoiserScore, OneStepGenerator
 from fastratio.networks.mlp import MLPDenoiser, MLPRatio
 from fastratio.noise import noise_coefficients
 from fastratio.tasks.toy2d import Toy2DTask, needs_teacher
-from fastratio.train import pretrain_teacher
+from fastratio.train import pretrain_teacher, train
 
 
 def _denoiser(seed: int) -> MLPDenoiser:
@@ -83,3 +83,27 @@ def test_which_toy_runs_fit_a_teacher_and_the_ratio_net_width():
     cfg = config.load(None, [*base, "method.name=vsd"])
     nets = Toy2DTask(cfg, torch.device("cpu")).build_networks()
     assert needs_teacher(cfg) and nets.teacher is not None and nets.fake_score is not None and nets.ratio is None
+
+
+def test_exact_teacher_is_read_in_place_of_the_fitted_one(tmp_path):
+    """model.exact_teacher: VSD reads the mixture's closed-form score; stage 1 still fits the denoiser
+    the generator and the fake score start from; the run checkpoints and resumes (the exact teacher
+    has no state)."""
+    base = ["method.name=vsd", "model.exact_teacher=true", "model.score_hidden=24", "method.teacher_steps=3",
+            "optim.batch_size=16", "data.eval_samples=100", "run.progress=false", "run.plot_every=0", "run.kernels=torch",
+            "run.eval_every=4", "run.ckpt_every=4", "run.log_every=2", f"run.out_dir={tmp_path}"]
+    cfg = config.load(None, [*base, "run.steps=4"])
+    task = Toy2DTask(cfg, torch.device("cpu"))
+    nets = task.build_networks()
+    pretrain_teacher(task, nets, cfg, torch.Generator().manual_seed(1))
+    x, sigma = torch.randn(64, 2, dtype=torch.float64), torch.exp(torch.linspace(-4, 1, 64, dtype=torch.float64))
+    torch.testing.assert_close(nets.teacher(x, sigma), task.mixture.score(x, sigma))
+    assert nets.teacher.state_dict() == {}
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    fitted = nets.fake_score.denoiser  # a copy of the fitted teacher, which the generator also starts from
+    with torch.no_grad():
+        torch.testing.assert_close(nets.generator(z), fitted(cfg.model.sigma_init * z, torch.full((16,), cfg.model.sigma_init)))
+    train(cfg)
+    train(config.load(None, [*base, "run.steps=8"]), resume="auto")
+    _, state = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 8 and state["nets"]["teacher"] == {}

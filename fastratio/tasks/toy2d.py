@@ -60,7 +60,8 @@ class Toy2DTask:
             width, depth = (m.score_hidden, m.score_depth) if m.ratio_from_teacher else (m.ratio_hidden, m.ratio_depth)
             nets.ratio = MLPRatio(dim, width, depth, m.sigma_data, schedule)
         if needs_scores(method):
-            nets.teacher, nets.fake_score = score_net(), score_net()
+            nets.teacher = toy.ExactScore(self.mixture.to(self.device, torch.float64), schedule) if m.exact_teacher else score_net()
+            nets.fake_score = score_net()
         for name in ("generator", "ratio", "teacher", "fake_score"):
             if getattr(nets, name) is not None:
                 setattr(nets, name, getattr(nets, name).to(self.device))
