@@ -235,6 +235,17 @@ def exact_log_ratio(x_t: torch.Tensor, sigma: torch.Tensor, q: GaussianMixture, 
 
 # --- metrics ------------------------------------------------------------------------------------
 
+def empirical_score(x_t: torch.Tensor, samples: torch.Tensor, sigma: float, chunk: int = 256) -> torch.Tensor:
+    """Score [B, D] at x_t of the empirical law of ``samples`` [N, D] noised by x_t = x0 + sigma eps
+    (VE): (E[x0 | x_t] - x_t) / sigma^2, the posterior over the samples a softmax of -|x_t - y|^2 / 2 sigma^2.
+    Exact for that law, so for a generator's draws it is the generator's noised score up to sampling."""
+    out = []
+    for xc in x_t.split(chunk):
+        post = torch.softmax(-torch.cdist(xc, samples).square() / (2 * sigma**2), dim=1)
+        out.append((post @ samples - xc) / sigma**2)
+    return torch.cat(out)
+
+
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Squared energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic, so >= 0)."""
     x, y = x.double(), y.double()

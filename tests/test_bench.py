@@ -1,4 +1,5 @@
-"""The bench scripts at tiny sizes: each runs the real code and writes valid rows (step_time, data_throughput, toy_family)."""
+"""The bench scripts at tiny sizes: each runs the real code and writes valid rows (step_time, data_throughput, toy_family,
+vsd_direction_error)."""
 
 import json
 import os
@@ -76,3 +77,26 @@ def test_toy_family_rows_carry_the_final_evaluation_and_the_criterions_verdict(t
     (row,) = json.loads(stopped.read_text())
     assert "step" not in row and len(row["failures"]) == 1
     assert row["failures"][0].startswith("run stopped (exit 2): error: ") and "exploded" in row["failures"][0]
+
+
+def test_vsd_direction_error_splits_the_error_between_teacher_and_fake_score(tmp_path):
+    """With the exact teacher (model.exact_teacher) the teacher's term is zero and VSD's error is the
+    fake score's; a DiJS run is refused in one line."""
+    from fastratio import config
+    from fastratio.train import train
+
+    base = ["model.score_hidden=16", "method.teacher_steps=3", "optim.batch_size=16", "data.eval_samples=100",
+            "run.progress=false", "run.plot_every=0", "run.kernels=torch", "run.steps=4", "run.eval_every=4", "run.ckpt_every=4"]
+    run = train(config.load(None, [*base, "method.name=vsd", "model.exact_teacher=true", f"run.out_dir={tmp_path / 'vsd'}"]))
+    out = tmp_path / "errors.json"
+    cmd = [sys.executable, "bench/vsd_direction_error.py", str(run), "--samples", "2000", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    rows = json.loads(out.read_text())
+    assert [r["sigma"] for r in rows] == [0.01, 0.02, 0.05, 0.1, 0.3, 1.0, 3.0]
+    for r in rows:
+        assert r["step"] == 4 and r["exact_teacher"] and r["commit"]
+        assert r["teacher_error"] < 1e-5 and r["fake_error"] > 1e-3
+        assert abs(r["vsd_error"] - r["fake_error"]) < 1e-5
+    dijs = train(config.load(None, [*base, f"run.out_dir={tmp_path / 'dijs'}"]))
+    proc = subprocess.run([sys.executable, "bench/vsd_direction_error.py", str(dijs)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "a toy VSD run" in proc.stderr

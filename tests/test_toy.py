@@ -136,3 +136,18 @@ def test_standardized_mixture_has_zero_mean_and_unit_variance(name):
     scale2 = ratio[0, 0, 0]
     torch.testing.assert_close(mix.covs, raw.covs * scale2)
     assert toy.mode_coverage(x[:20000], mix)["mass_tv"] < 0.02
+
+
+def test_empirical_score_is_the_noised_score_of_the_samples():
+    """On many exact draws it approaches the mixture's noised score; on one draw it is (y - x) / sigma^2."""
+    mix = toy.standardized(toy.MIXTURES["spiral6"]())
+    g = torch.Generator().manual_seed(0)
+    draws, x0 = mix.sample(20000, g), mix.sample(500, g)
+    for s in (0.1, 1.0):
+        x_t = x0 + s * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+        exact = mix.score(x_t, torch.full((500,), s, dtype=torch.float64))
+        err = (s * s * (toy.empirical_score(x_t, draws, s) - exact)).square().sum(1).mean().sqrt()
+        assert err < 0.01 * (s * s * exact).square().sum(1).mean().sqrt() + 0.005
+    y = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    x = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(toy.empirical_score(x, y, 0.3), (y - x) / 0.09)
