@@ -86,6 +86,8 @@ def main() -> int:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="toy_family_"))
     cells = [(m, method, s) for s in args.seeds for m in args.mixtures for method in args.methods]
+    # The commit the runs start from (the tree may move on while they run).
+    meta = environment(torch.device("cpu"))
     print(f"{len(cells)} runs under {work}, {args.jobs} at a time")
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda cell: run_cell(*cell, args.extra, work), cells))
@@ -97,7 +99,6 @@ def main() -> int:
             continue
         print(f"{r['mixture']:>9} {r['method']:>6} {r['seed']:>4} {r['modes_covered']:>3}/{r['modes']:<2} {r['mass_tv']:>8.3f} "
               f"{r['energy_distance_ratio']:>6.2f} {r['high_quality']:>5.2f} {r['wall_seconds'] / 60:>5.1f}  {verdict}")
-    meta = environment(torch.device("cpu"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps([{**meta, **r} for r in rows], indent=1) + "\n"
     atomic_write(args.out, lambda f: f.write(text.encode()))

@@ -1,6 +1,6 @@
 """Where a toy VSD run's generator direction goes wrong: the teacher's error against the fake score's, by sigma.
 
-    python bench/vsd_direction_error.py RUN_DIR [--step N] [--samples 100000] [--out FILE]
+    python bench/vsd_direction_error.py RUN_DIR [RUN_DIR ...] [--step N] [--samples 100000] [--out FILE]
 
 For a toy VSD run (``method.name=vsd``, VE schedule) and one of its checkpoints (default: the
 latest), at x_t = g(z) + sigma eps with g the live generator (the one VSD's step differentiates):
@@ -67,21 +67,25 @@ def direction_errors(run_dir: Path, step: int | None, samples: int, seed: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--step", type=int)
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    rows = direction_errors(args.run_dir, args.step, args.samples)
-    print(f"{args.run_dir} at step {rows[0]['step']} (sigma^2-weighted, RMS over {POINTS} points)")
-    print(f"{'sigma':>6} {'|true|':>8} {'|vsd-true|':>10} {'teacher':>8} {'fake':>8} {'cosine':>7}")
-    for r in rows:
-        print(f"{r['sigma']:>6} {r['true_norm']:>8.4f} {r['vsd_error']:>10.4f} {r['teacher_error']:>8.4f} {r['fake_error']:>8.4f} {r['cosine']:>7.3f}")
+    table = []
+    for run_dir in args.run_dirs:
+        rows = direction_errors(run_dir, args.step, args.samples)
+        print(f"{run_dir} at step {rows[0]['step']} (sigma^2-weighted, RMS over {POINTS} points)")
+        print(f"{'sigma':>6} {'|true|':>8} {'|vsd-true|':>10} {'teacher':>8} {'fake':>8} {'cosine':>7}")
+        for r in rows:
+            print(f"{r['sigma']:>6} {r['true_norm']:>8.4f} {r['vsd_error']:>10.4f} {r['teacher_error']:>8.4f} {r['fake_error']:>8.4f} {r['cosine']:>7.3f}")
+        cfg = config.load(run_dir / "config.yaml")
+        run = {"run": run_dir.name, "mixture": cfg.data.mixture, "seed": cfg.run.seed, "teacher_steps": cfg.method.teacher_steps,
+               "exact_teacher": cfg.model.exact_teacher, "samples": args.samples}
+        table += [{**run, **r} for r in rows]
     if args.out is not None:
-        cfg = config.load(args.run_dir / "config.yaml")
-        meta = {**environment(torch.device("cpu")), "mixture": cfg.data.mixture, "teacher_steps": cfg.method.teacher_steps,
-                "exact_teacher": cfg.model.exact_teacher, "samples": args.samples}
-        text = json.dumps([{**meta, **r} for r in rows], indent=1) + "\n"
+        meta = environment(torch.device("cpu"))
+        text = json.dumps([{**meta, **r} for r in table], indent=1) + "\n"
         atomic_write(args.out, lambda f: f.write(text.encode()))
     return 0
 
