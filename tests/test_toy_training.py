@@ -4,7 +4,7 @@ Criterion (``toy.criterion_failures``, README "Measured on the toy suite"): ever
 mass on each mode's basin within total variation 0.1 of the true weights, and an energy distance
 within 3x that of an exact sample of the same size. The default meets it on every mixture of the
 family (ring8, spiral6, rings25, grid20, petals12) with DiJS and with VSD. The full-length runs
-(10-20 min each on one core; ``bench/toy_family.py`` runs them all) are the slow tests below. CI runs
+(10-12 min each on one core; ``bench/toy_family.py`` runs them all) are the slow tests below. CI runs
 a fast version of the same check: the default with a fifth of the teacher's steps and half the
 generator's, on ring8 (DiJS and VSD) and on issue 17's spiral6 (DiJS).
 """
