@@ -49,6 +49,8 @@ def direction_errors(run_dir: Path, step: int | None, samples: int, seed: int = 
     nets = task.build_networks()
     for name in ("generator", "teacher", "fake_score"):
         getattr(nets, name).load_state_dict(state["nets"][name])
+    run = {"run": run_dir.name, "mixture": cfg.data.mixture, "seed": cfg.run.seed, "teacher_steps": cfg.method.teacher_steps,
+           "exact_teacher": cfg.model.exact_teacher, "samples": samples}
     g = torch.Generator().manual_seed(seed)
     draws = nets.generator(task.sample_latent(samples, g)[0]).double()
     x0 = nets.generator(task.sample_latent(POINTS, g)[0]).double()
@@ -59,7 +61,7 @@ def direction_errors(run_dir: Path, step: int | None, samples: int, seed: int = 
         s_fake, s_teacher = (getattr(nets, n)(x_t.float(), sigma.float()).double() for n in ("fake_score", "teacher"))
         s_q, s_p = toy.empirical_score(x_t, draws, s), task.mixture.score(x_t, sigma)
         true, vsd = s * s * (s_q - s_p), s * s * (s_fake - s_teacher)
-        rows.append({"step": state["step"], "sigma": s, "true_norm": _rms(true), "vsd_error": _rms(vsd - true),
+        rows.append({**run, "step": state["step"], "sigma": s, "true_norm": _rms(true), "vsd_error": _rms(vsd - true),
                      "teacher_error": _rms(s * s * (s_teacher - s_p)), "fake_error": _rms(s * s * (s_fake - s_q)),
                      "cosine": float((true * vsd).sum() / (true.norm() * vsd.norm()))})
     return rows
@@ -79,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'sigma':>6} {'|true|':>8} {'|vsd-true|':>10} {'teacher':>8} {'fake':>8} {'cosine':>7}")
         for r in rows:
             print(f"{r['sigma']:>6} {r['true_norm']:>8.4f} {r['vsd_error']:>10.4f} {r['teacher_error']:>8.4f} {r['fake_error']:>8.4f} {r['cosine']:>7.3f}")
-        cfg = config.load(run_dir / "config.yaml")
-        run = {"run": run_dir.name, "mixture": cfg.data.mixture, "seed": cfg.run.seed, "teacher_steps": cfg.method.teacher_steps,
-               "exact_teacher": cfg.model.exact_teacher, "samples": args.samples}
-        table += [{**run, **r} for r in rows]
+        table += rows
     if args.out is not None:
         meta = environment(torch.device("cpu"))
         text = json.dumps([{**meta, **r} for r in table], indent=1) + "\n"
