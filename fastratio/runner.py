@@ -45,10 +45,6 @@ def _tracing_autograd():
     return contextlib.nullcontext()
 
 
-def _take(shard: Shard, t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else shard.take(t)
-
-
 class StepRunner:
     def __init__(self, cfg: Config, task, nets, step_fn, shard: Shard, device: torch.device,
                  averages: tuple[tuple[EMA, torch.nn.Module, float], ...] = (), nimg: int = 0,
@@ -94,7 +90,7 @@ class StepRunner:
     def _batch(self) -> tuple:
         batch, rng = self.cfg.optim.batch_size, self.draws.generator
         x_real, labels_real = self.task.sample_real(batch, rng, self.shard)
-        z, labels_fake = (_take(self.shard, t) for t in self.task.sample_latent(batch, rng))
+        z, labels_fake = self.task.sample_latent(batch, rng, self.shard)
         return x_real, z, labels_real, labels_fake
 
     def _iteration(self) -> dict[str, torch.Tensor]:

@@ -222,11 +222,11 @@ class ImageTask:
     def load_data_state(self, state: dict, source: str) -> None:
         self.source.load_state(state, source)
 
-    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = torch.randn((n, *self.shape), generator=rng, device=self.device)
+    def sample_latent(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = shard.take(torch.randn((n, *self.shape), generator=rng, device=self.device))
         if not self.num_classes:
             return z, None
-        return z, self._one_hot(torch.randint(self.num_classes, (n,), generator=rng, device=self.device))
+        return z, self._one_hot(shard.take(torch.randint(self.num_classes, (n,), generator=rng, device=self.device)))
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

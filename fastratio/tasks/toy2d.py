@@ -79,8 +79,8 @@ class Toy2DTask:
     def load_data_state(self, state: dict, source: str) -> None:
         """Exact samples from the run's generator: nothing to restore beyond it."""
 
-    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
-        return torch.randn(n, self.latent_dim, generator=rng, device=self.device), None
+    def sample_latent(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, None]:
+        return shard.take(torch.randn(n, self.latent_dim, generator=rng, device=self.device)), None
 
     @torch.no_grad()
     def _eval_samples(self, generator: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
