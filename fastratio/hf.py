@@ -41,18 +41,26 @@ def _unshadow_kernels() -> None:
     spec.loader.exec_module(module)
 
 
-def import_diffusers(key: str):
-    """The diffusers module (quiet), or one line naming ``key`` and the extra to install."""
+def import_diffusers(key: str, extra: str = "sd"):
+    """The diffusers module, quiet, or one line naming ``key`` and the extra to install. With
+    ``extra="sd"`` transformers is required too (the text encoder and tokenizer)."""
     _unshadow_kernels()
     try:
         import diffusers
-        import transformers
-    except ImportError:
-        raise UserError(f"{key}: needs diffusers and transformers (pip install -e \".[sd]\")") from None
+
+        if extra == "sd":
+            import transformers  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"{key}: needs {err.name or 'diffusers'} (pip install -e \".[{extra}]\")") from None
     # Their notices (no `accelerate`, ...) and per-file progress bars are not the user's business.
     diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
     return diffusers
 
 

@@ -55,20 +55,15 @@ class LatentScaling:
 
 def load_vae(name_or_path: str, device: torch.device):
     """``diffusers.AutoencoderKL`` from a local folder or the Hugging Face cache, safetensors only."""
-    try:
-        import diffusers
-    except ImportError:
-        raise UserError("data.vae: latent runs need diffusers (pip install -e \".[latent]\")") from None
-    verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # its notices (no `accelerate`, ...) are not the user's business
+    from .hf import import_diffusers
+
+    diffusers = import_diffusers("data.vae", extra="latent")
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
         where = "folder" if Path(name_or_path).exists() else "name (not in the Hugging Face cache)"
         raise UserError(f"data.vae: cannot load an AutoencoderKL from the {where} {name_or_path} "
                         f"({str(err).splitlines()[0][:120]}); {_GET_VAE}") from None
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
     return vae.eval().requires_grad_(False).to(device)
 
 

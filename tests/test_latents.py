@@ -25,7 +25,9 @@ LABELS = [0, 3, 1, 3, 2]  # make_fixtures.py's dataset.json
 @pytest.fixture(scope="module")
 def vae_folder(tmp_path_factory):
     """The fixture VAE as a diffusers folder (config.json + safetensors), as a downloaded one is."""
-    import diffusers
+    from fastratio.hf import import_diffusers
+
+    diffusers = import_diffusers("test", extra="latent")
 
     saved = torch.load(FIX / "vae.pt", weights_only=True)
     vae = diffusers.AutoencoderKL(**saved["config"])
