@@ -28,10 +28,10 @@ OBJECTIVES = ("dikl", "dijs", "dirm", "lr", "kl", "be", "ls", "sba")
 METHODS = ("diffratio", "vsd", "dibregman", "teacher")
 SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
 SCHEDULES = ("ve", "vp")
-WEIGHTINGS = ("sigma2", "none", "edm")
+WEIGHTINGS = ("sigma2", "none", "edm", "dmd")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3", "spiral6", "petals12", "grid20", "rings25")
-DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits")
-ARCHS = ("mlp", "ddpmpp", "adm", "edm2")
+DATA_KINDS = ("toy2d", "cifar10", "folder", "idx", "npz", "digits", "text2image")
+ARCHS = ("mlp", "ddpmpp", "adm", "edm2", "sd")
 TEACHER_LOSSES = ("edm", "vp", "ve", "edm2")
 EDM2_SIZES = ("", "xxs", "xs", "s", "m", "l", "xl", "xxl")
 LR_SCHEDULES = ("constant", "edm2")
@@ -61,10 +61,13 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "toy2d"  # toy2d (closed-form 2-D mixtures) | cifar10 | folder | idx | npz | digits (fastratio.datasets)
+    kind: str = "toy2d"  # toy2d (closed-form 2-D mixtures) | cifar10 | folder | idx | npz | digits (fastratio.datasets) | text2image (fastratio.tasks.text2image)
     mixture: str = "ring8"  # toy2d: ring8 | grid25 | aniso3 | spiral6 | petals12 | grid20 | rings25 (fastratio.toy.MIXTURES)
     eval_samples: int = 2000  # samples drawn for evaluation metrics
-    path: str = ""  # images: dataset file or folder (cifar-10-python.tar.gz, zip/folder, *-images-idx3-ubyte.gz, .npz)
+    path: str = ""  # images: dataset file or folder (cifar-10-python.tar.gz, zip/folder, *-images-idx3-ubyte.gz, .npz); text2image: WebDataset shards of image-caption pairs or SD latents (a folder of .tar, one .tar, or shards/{00000..00099}.tar)
+    prompts: str = ""  # text2image: the generator's prompts, .txt (one per line) or .jsonl (caption|prompt|text); empty: the captions of data.path
+    resolution: int = 512  # text2image: pixel size of the square images (shorter side resized, then center-cropped); latents are resolution / 8
+    caption_dropout: float = 0.0  # text2image: probability a caption (real and generated side alike) is replaced by the empty prompt, for an unconditional branch
     split: str = "train"  # cifar10, digits: train | test (digits: the first 1,437 / the last 360)
     max_images: int = 0  # images: keep only the first N (0: all)
     conditional: bool = False  # images: condition every network on the class label
@@ -87,7 +90,7 @@ class ModelConfig:
     score_hidden: int = 256  # toy: score-network width (teacher, fake score, and the nets started from the teacher)
     score_depth: int = 4  # toy: score-network hidden layers
     sigma_data: float = 1.0  # data scale used by EDM-style input preconditioning (images: 0.5)
-    arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet) | edm2 (EDM2's magnitude-preserving UNet)
+    arch: str = "mlp"  # mlp (toy) | ddpmpp (EDM SongUNet) | adm (EDM DhariwalUNet) | edm2 (EDM2's magnitude-preserving UNet) | sd (text2image: the teacher's diffusers UNet)
     size: str = ""  # edm2: a train_edm2.py img512 preset (xxs..xxl): sets model.channels and model.dropout (and for a teacher run optim.teacher_lr), names the released teacher in teacher.checkpoint's {release}
     channels: int = 128  # images: UNet base channels (EDM model_channels)
     channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])  # images: per-resolution channel multipliers
@@ -99,7 +102,8 @@ class ModelConfig:
     ratio_from_teacher: bool = True  # start the ratio net from the teacher's encoder (toy: the teacher MLP's hidden layers)
     exact_teacher: bool = False  # toy, vsd/dibregman: read the mixture's closed-form score as the teacher (stage 1 still fits the one the networks start from): isolates the teacher's error
     generator_from_teacher: bool = True  # start the generator from the teacher's weights (false: fresh random weights, toy: an MLP of z; the papers' ablation)
-    checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward)
+    checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward); text2image: of the generator and the fake score
+    shared_encoder: bool = False  # dibregman, text2image: the ratio is the fake score's encoder (mean feature = logit), trained with it in one update (Di-Bregman App. D, after SiDA); no separate ratio net
 
 
 @dataclass
@@ -112,11 +116,12 @@ class MethodConfig:
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E_real ||grad_x l||^2 on the ratio net (0: off; double backward)
     gan_weight: float = 0.0  # w_GAN of Di-Bregman Alg. 1: adds w_GAN * E[-log sigmoid(l(G(z)_t))] to the generator loss (ratio-net methods)
     teacher_steps: int = 50000  # toy stage 1: denoising-score-matching steps of the teacher
+    cfg_scale: float = 1.0  # text2image, vsd/dibregman: classifier-free guidance of the teacher's score (DMD2, FastGen on SD1.5: 1.75; 1: none)
 
 
 @dataclass
 class TeacherConfig:
-    checkpoint: str = ""  # images, stage 2: teacher file (a fastratio teacher run's ckpt-*.pt or an EDM *.pkl)
+    checkpoint: str = ""  # images, stage 2: teacher file (a fastratio teacher run's ckpt-*.pt or an EDM *.pkl); text2image: a Stable Diffusion folder or Hugging Face cache name (never downloaded)
     loss: str = "edm"  # stage 1 (images: method.name=teacher; toy: the in-run fit): EDM loss edm | vp | ve (EDM Table 1) | edm2 (EDM2 Eq. 21: learned uncertainty, ln sigma ~ N(noise.p_mean, noise.p_std^2))
     sample_steps: int = 18  # Heun sampler steps for teacher samples (EDM: 18 on CIFAR-10, 35 evaluations)
 
@@ -147,7 +152,7 @@ class NoiseConfig:
     sigma_fixed: float = 2.5  # fixed: the single noise level
     sigma_min: float = 0.01  # loguniform/uniform: lower bound
     sigma_max: float = 3.0  # loguniform/uniform: upper bound
-    weighting: str = "sigma2"  # w(sigma) of the generator update: sigma2 (the papers) | none | edm
+    weighting: str = "sigma2"  # w(sigma) of the generator update: sigma2 (the papers) | none | edm | dmd (vsd, dibregman: sigma2 divided per sample by mean |x0 - D_teacher(x_t)|, DMD/DMD2's normalisation)
 
 
 @dataclass
@@ -224,14 +229,14 @@ _POSITIVE = (
     "model.sigma_data", "method.ratio_steps", "method.fake_score_steps", "noise.sigma_fixed", "noise.sigma_min",
     "noise.sigma_max", "optim.batch_size", "optim.gen_lr", "optim.ratio_lr", "optim.teacher_lr",
     "model.channels", "model.num_blocks", "model.sigma_init", "teacher.sample_steps",
-    "data.memory_budget_gb", "data.prefetch", "optim.lr_ref_batches",
+    "data.memory_budget_gb", "data.prefetch", "optim.lr_ref_batches", "data.resolution",
 )
 _NON_NEGATIVE = (
     "run.plot_every", "run.explode_factor", "method.teacher_steps", "noise.p_std", "optim.grad_clip",
     "optim.ema_halflife_kimg", "optim.ema_rampup", "optim.beta1", "optim.beta2", "optim.ratio_ema_halflife_kimg",
     "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
     "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
-    "data.workers", "data.timeout_s", "optim.lr_rampup_mimg", "optim.ema_std",
+    "data.workers", "data.timeout_s", "optim.lr_rampup_mimg", "optim.ema_std", "data.caption_dropout", "method.cfg_scale",
 )
 
 
@@ -307,7 +312,8 @@ _UPPER = {
     "model.ratio_depth": 256, "model.score_hidden": 2**16, "model.score_depth": 256, "model.channels": 4096, "model.num_blocks": 64,
     "model.augment_dim": 64, "method.ratio_steps": 1000, "method.fake_score_steps": 1000, "method.teacher_steps": 10**8, "teacher.sample_steps": 10**4,
     "eval.fid_samples": 10**7, "step.warmup_steps": 10**4, "model.dropout": 1.0, "optim.grad_clip": 1e30,
-    "data.workers": 256, "data.prefetch": 1024, "data.timeout_s": 1e6, "data.memory_budget_gb": 1e6,
+    "data.workers": 256, "data.prefetch": 1024, "data.timeout_s": 1e6, "data.memory_budget_gb": 1e6, "data.resolution": 4096,
+    "method.cfg_scale": 100.0,
 }
 
 
@@ -352,9 +358,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("optim.beta1/optim.beta2: Adam betas must lie in [0, 1)")
     if cfg.method.gan_weight > 0 and cfg.method.name not in ("diffratio", "dibregman"):
         raise ConfigError(f"method.gan_weight: the GAN term uses the ratio network as discriminator; method.name {cfg.method.name!r} has none")
+    if cfg.noise.weighting == "dmd" and cfg.method.name not in ("vsd", "dibregman"):
+        raise ConfigError(f"noise.weighting: 'dmd' normalises by the teacher's denoising error; method.name {cfg.method.name!r} reads no teacher")
     if cfg.step.mode == "graph" and cfg.step.warmup_steps < 1:
         raise ConfigError("step.warmup_steps: graph mode needs >= 1 compiled step before capture (compilation, lazy allocations)")
     _validate_images(cfg)
+    _validate_text2image(cfg)
     return cfg
 
 
@@ -383,10 +392,43 @@ def _validate_images(cfg: Config) -> None:
         raise ConfigError(f"model.size: presets are EDM2's; model.arch is {cfg.model.arch!r}")
     if cfg.optim.ema_std and not 0.01 <= cfg.optim.ema_std <= 0.28:
         raise ConfigError(f"optim.ema_std: EDM2's power-function EMA takes a relative std in [0.01, 0.28], got {cfg.optim.ema_std}")
-    if cfg.data.source == "stream" and cfg.data.kind != "folder":
+    if cfg.data.source == "stream" and cfg.data.kind not in ("folder", "text2image"):
         raise ConfigError(f"data.source: 'stream' reads image folders and dataset_tool zips (data.kind=folder), not data.kind={cfg.data.kind!r}")
     if not toy and cfg.method.name != "teacher" and not cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint: image stage 2 starts from a teacher; train one (method.name=teacher) or give an EDM .pkl")
+        raise ConfigError("teacher.checkpoint: image stage 2 starts from a teacher; train one (method.name=teacher), give an EDM .pkl, "
+                          "or for text2image a Stable Diffusion folder")
+
+
+def _validate_text2image(cfg: Config) -> None:
+    t2i = cfg.data.kind == "text2image"
+    if t2i != (cfg.model.arch == "sd"):
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} does not fit data.kind {cfg.data.kind!r} (text2image uses sd, the teacher's own UNet)")
+    if cfg.model.shared_encoder and cfg.method.name != "dibregman":
+        raise ConfigError(f"model.shared_encoder: reads the ratio off the fake score's encoder; method.name {cfg.method.name!r} "
+                          "has no fake score and ratio both (dibregman)")
+    if not t2i:
+        if cfg.method.cfg_scale != 1.0:
+            raise ConfigError("method.cfg_scale: classifier-free guidance is for data.kind text2image")
+        if cfg.model.shared_encoder:
+            raise ConfigError("model.shared_encoder: implemented for data.kind text2image so far")
+        return
+    if cfg.method.name == "teacher":
+        raise ConfigError("method.name: text2image distils a Stable Diffusion teacher (teacher.checkpoint); there is no stage 1")
+    if cfg.data.source != "stream":
+        raise ConfigError("data.source: text2image streams its shards and prompts; set data.source=stream")
+    if cfg.noise.schedule != "vp":
+        raise ConfigError("noise.schedule: Stable Diffusion's latents are noised on the VP schedule; set noise.schedule=vp")
+    if cfg.augment.p > 0:
+        raise ConfigError("augment.p: text2image runs are not augmented; set augment.p=0")
+    if not cfg.data.caption_dropout < 1:
+        raise ConfigError(f"data.caption_dropout: a probability below 1, got {cfg.data.caption_dropout}")
+    if cfg.model.shared_encoder and cfg.method.ratio_steps != cfg.method.fake_score_steps:
+        raise ConfigError(f"method.ratio_steps: with model.shared_encoder the ratio trains inside each fake-score update; "
+                          f"set it to method.fake_score_steps ({cfg.method.fake_score_steps})")
+    if cfg.method.cfg_scale != 1.0 and cfg.method.name == "diffratio":
+        raise ConfigError("method.cfg_scale: diffratio reads no teacher score to guide (its ratio net is trained on data); leave it at 1")
+    if cfg.eval.fid_samples:
+        raise ConfigError("eval.fid_samples: in-loop FID is for image runs; score text2image samples with fastratio.evaluate")
 
 
 def from_dict(data: dict) -> Config:

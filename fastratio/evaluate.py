@@ -114,21 +114,46 @@ def read_reference_stats(path: str | Path, what: str = "--fid-ref") -> dict[str,
     return {"mu": mu, "sigma": sigma}
 
 
-def image_features(images: torch.Tensor, *, feature_extractor: str = "inception-v3-compat", weights: str | None = None,
-                   batch: int = 200, device: torch.device | None = None) -> torch.Tensor:
-    """[N, D] float64 features (the FID layer) of uint8 images [N, C, H, W] through torch-fidelity's extractor."""
+def feature_function(*, feature_extractor: str = "inception-v3-compat", weights: str | None = None, batch: int = 200,
+                     device: torch.device | None = None):
+    """``features(images) -> [N, D]`` float64 (the FID layer) through torch-fidelity's extractor, built
+    once for every call; ``images`` is uint8 [N, C, H, W] or a Dataset of uint8 [3, H, W] items (read
+    lazily, batch by batch)."""
     from torch_fidelity.utils import (
         create_feature_extractor,
-        extract_featuresdict_from_input_id,
+        get_featuresdict_from_dataset,
         resolve_feature_layer_for_metric,
     )
 
-    kwargs = {"input1": _Images(images.cpu()), "fid": True, "feature_extractor": feature_extractor, "batch_size": batch,
-              "verbose": False, "cuda": device is not None and device.type == "cuda", "save_cpu_ram": True, "cache": False}
-    kwargs.update(_extractor_weights(feature_extractor, weights))
+    cuda = device is not None and device.type == "cuda"
+    kwargs = {"fid": True, "feature_extractor": feature_extractor, "batch_size": batch, "verbose": False, "cuda": cuda,
+              "save_cpu_ram": True, "cache": False, **_extractor_weights(feature_extractor, weights)}
     layer = resolve_feature_layer_for_metric("fid", **kwargs)
     extractor = create_feature_extractor(feature_extractor, [layer], **kwargs)
-    return extract_featuresdict_from_input_id(1, extractor, **kwargs)[layer].double()
+
+    def features(images) -> torch.Tensor:
+        data = images if isinstance(images, torch.utils.data.Dataset) else _Images(images.cpu())
+        return get_featuresdict_from_dataset(data, extractor, batch, cuda, True, False)[layer].double()
+
+    return features
+
+
+def image_features(images: torch.Tensor, *, feature_extractor: str = "inception-v3-compat", weights: str | None = None,
+                   batch: int = 200, device: torch.device | None = None) -> torch.Tensor:
+    """[N, D] float64 features (the FID layer) of uint8 images [N, C, H, W] through torch-fidelity's extractor."""
+    return feature_function(feature_extractor=feature_extractor, weights=weights, batch=batch, device=device)(images)
+
+
+def fid_of_features(features: torch.Tensor, reference: dict[str, np.ndarray], feature_extractor: str, what: str = "--fid-ref") -> float:
+    """FID of [N, D] features against statistics {mu, sigma}: mean, covariance with N - 1 and the
+    distance by torch-fidelity's own functions (as EDM2 computes them)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = fid_features_to_statistics(features)
+    if stats["mu"].shape != reference["mu"].shape:
+        raise UserError(f"{what}: the statistics are {reference['mu'].shape[0]}-dimensional, {feature_extractor} gives {stats['mu'].shape[0]}")
+    ours = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+    return float(fid_statistics_to_metric(ours, reference, False)["frechet_inception_distance"])
 
 
 def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], *, feature_extractor: str = "inception-v3-compat",
@@ -137,14 +162,8 @@ def fid_against_reference(fake: torch.Tensor, reference: dict[str, np.ndarray], 
     ImageNet-512 protocol: 50k samples vs the training set's statistics). Features come from
     torch-fidelity's extractor; the statistics and the distance are computed as EDM2 does (mean,
     covariance with N - 1, trace of the matrix square root)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-
     features = image_features(fake, feature_extractor=feature_extractor, weights=weights, batch=batch, device=device)
-    stats = fid_features_to_statistics(features)
-    if stats["mu"].shape != reference["mu"].shape:
-        raise UserError(f"--fid-ref: the statistics are {reference['mu'].shape[0]}-dimensional, {feature_extractor} gives {stats['mu'].shape[0]}")
-    ours = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
-    return float(fid_statistics_to_metric(ours, reference, False)["frechet_inception_distance"])
+    return fid_of_features(features, reference, feature_extractor)
 
 
 def _generate(model, n: int, batch: int, seed: int, device, verifier, best_of: int, steps: int, progress: bool,

@@ -23,16 +23,16 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 def _unshadow_kernels() -> None:
-    """transformers >= 5 imports Hugging Face's ``kernels`` package. Run from this repository's root
-    (its folder first on sys.path), Python would find the repository's ``kernels/`` folder (shipped as
-    ``fastratio.kernels``) under that name instead; import the installed package first, from the rest
-    of sys.path."""
+    """transformers >= 5 imports Hugging Face's ``kernels`` package. Run from this repository (its root,
+    or ``bench/`` on sys.path as the benchmarks put it), Python would find the repository's own
+    ``kernels/`` folder (shipped as ``fastratio.kernels``) or ``bench/kernels.py`` under that name;
+    import the installed package first, from the sys.path entries outside the repository."""
     if "kernels" in sys.modules:
         return
     spec = importlib.util.find_spec("kernels")
-    if spec is None or not spec.origin or Path(spec.origin).resolve().parent != _REPO / "kernels":
+    if spec is None or not spec.origin or not Path(spec.origin).resolve().is_relative_to(_REPO):
         return
-    path = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
+    path = [p for p in sys.path if not Path(p or ".").resolve().is_relative_to(_REPO)]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None:  # not installed: nothing will import it
         return
@@ -49,7 +49,7 @@ def import_diffusers(key: str, extra: str = "sd"):
         import diffusers
 
         if extra == "sd":
-            import transformers  # noqa: F401
+            import transformers
     except ImportError as err:
         raise UserError(f"{key}: needs {err.name or 'diffusers'} (pip install -e \".[{extra}]\")") from None
     # Their notices (no `accelerate`, ...) and per-file progress bars are not the user's business.

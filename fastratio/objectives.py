@@ -120,6 +120,16 @@ def score_difference_direction(
     return expand(scale, score_fake) * (score_fake - score_teacher)
 
 
+def dmd_weight(sigma: torch.Tensor, x0: torch.Tensor, denoised_real: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normalisation as a w(sigma) [B] of ``score_difference_direction`` (Yin et al.
+    2024, Eq. 8; DMD2 keeps it): the x0-space gradient is (D_fake - D_real) / mean|x0 - D_real|, the
+    mean over each sample's elements, D_real the (guided) teacher's denoised estimate at x_t. The step
+    carries g = w (s_fake - s_teacher) into x0 with dx_t/dx0 = alpha, and alpha (s_fake - s_teacher) =
+    alpha^2 (D_fake - D_real) / std^2 = (D_fake - D_real) / sigma^2, so w = sigma^2 / mean|x0 - D_real|.
+    The mean is floored at 1e-6 (a sample its teacher reproduces exactly would divide by zero)."""
+    return sigma**2 / (x0 - denoised_real).abs().reshape(x0.shape[0], -1).mean(dim=1).clamp_min(1e-6)
+
+
 def gan_direction(logit: torch.Tensor, grad_logit: torch.Tensor) -> torch.Tensor:
     """x-space gradient of the optional GAN term L_GAN = -log D(x_t) with D = sigmoid(l) (Di-Bregman
     Algorithm 1, "calculate GAN loss"; D is the ratio network, trained by Eq. 5):

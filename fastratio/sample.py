@@ -1,9 +1,12 @@
-"""Sample grid from a checkpoint: ``python -m fastratio.sample CKPT [--n 64] [--out grid.png]``.
+"""Sample grid from a checkpoint: ``python -m fastratio.sample CKPT [--n 64] [--out grid.png]``;
+text-to-image runs: ``python -m fastratio.sample CKPT --prompt "..." | --prompts FILE``.
 
 Uses the checkpoint's EMA weights: one generator step for a stage-2 run, EDM's Heun sampler for a
 teacher run (``--steps``). ``--best-of N`` draws N one-step candidates per image in one batched pass
 and keeps the one the run's ratio network (its EMA) scores as most real (fastratio.verifier).
-Image runs only (toy runs write their own scatter plots).
+Image and text-to-image runs (toy runs write their own scatter plots). A text-to-image grid holds
+``--n`` images of one ``--prompt`` (seeds seed, seed + 1, ...) or the first ``--n`` prompts of a
+file, decoded through the teacher's VAE.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .data.captions import PromptFile
 from .edm_import import load_edm_denoiser
 from .errors import ArgumentParser, UserError, run_cli
 from .images import save_grid
@@ -20,6 +24,7 @@ from .latents import LatentScaling, decode, load_vae
 from .networks.denoisers import build_denoiser
 from .networks.from_denoiser import OneStepGenerator
 from .networks.image import RatioUNet
+from .networks.sd import decode_latents, generator_from_checkpoint
 from .networks.unet import Precond
 from .sampler import heun_sample
 from .train import resolve_device
@@ -34,6 +39,8 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     if path.suffix == ".pkl":
         return load_edm_denoiser(path).to(device), {}
     state = checkpoint.load_or_fail(path, "checkpoint")
+    if "sd" in state:
+        raise UserError(f"{path}: a text-to-image generator; give --prompt or --prompts")
     if "network_kwargs" not in state:
         raise UserError(f"{path}: not an image-run checkpoint (no network_kwargs)")
     try:
@@ -130,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-of", type=int, default=1, metavar="N", help="keep the most real of N candidates per image (ratio-net verifier)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="verifier noise levels")
     parser.add_argument("--vae", help="AutoencoderKL that decodes a latent model's samples (default: the one the run recorded)")
+    parser.add_argument("--prompt", help="text-to-image: the prompt of every image in the grid")
+    parser.add_argument("--prompts", type=Path, help="text-to-image: a .txt or .jsonl of prompts, one image each")
+    parser.add_argument("--teacher", help="text-to-image: the Stable Diffusion folder, when not where the run recorded it")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.best_of < 1:
         raise UserError(f"--best-of: must be >= 1, got {args.best_of}")
     device = resolve_device(args.device)
+    if args.prompt is not None or args.prompts is not None:
+        return _text_to_image(args, device)
     model, state = load_model(args.checkpoint, device)
     verifier = load_verifier(state, args.checkpoint, device) if args.best_of > 1 else None
     if verifier is not None and not isinstance(model, OneStepGenerator):
@@ -151,6 +163,43 @@ def main(argv: list[str] | None = None) -> int:
     save_grid(images if to_pixels is None else to_pixels(images), out, scale=2)
     print(f"wrote {out}")
     return 0
+
+
+def read_prompts(path: Path, n: int) -> list[str]:
+    """The first n prompts of a .txt or .jsonl file (fewer if it holds fewer), read as training reads them."""
+    if not path.is_file():
+        raise UserError(f"--prompts: {path} not found")
+    prompts = PromptFile(path, max_items=n)
+    return prompts.read(range(len(prompts)))
+
+
+def _text_to_image(args, device: torch.device) -> int:
+    if args.prompt is not None and args.prompts is not None:
+        raise UserError("--prompt/--prompts: give one of them")
+    if args.best_of > 1:
+        raise UserError("--best-of: not for text-to-image generators yet")
+    prompts = [args.prompt] * args.n if args.prompt is not None else read_prompts(args.prompts, args.n)
+    if not args.checkpoint.is_file():
+        raise UserError(f"{args.checkpoint}: checkpoint not found")
+    state = checkpoint.load_or_fail(args.checkpoint, "checkpoint")
+    model, parts = generator_from_checkpoint(state, str(args.checkpoint), device, args.teacher)
+    shape = (model.denoiser.unet.config.in_channels, *[int(s) for s in state["sd"]["shape"][1:]])
+    latents = one_step(model, parts, prompts, args.seed, shape, device)
+    out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-samples.png")
+    save_grid(decode_latents(parts.vae, latents), out)
+    print(f"wrote {out}")
+    return 0
+
+
+@torch.no_grad()
+def one_step(model, parts, prompts: list[str], seed: int, shape: tuple[int, ...], device: torch.device, batch: int = 16) -> torch.Tensor:
+    """Latents of g(z_i, prompt_i), z_i drawn from seed + i alone: image i is the same whatever the batch."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))])
+        out.append(model(z.to(device), parts.text(chunk)).float())
+    return torch.cat(out)
 
 
 if __name__ == "__main__":

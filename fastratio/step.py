@@ -94,6 +94,13 @@ def dsm_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising-score-matching step (Eq. 3 for the teacher on data, Eq. 4 for the fake score on
     generated samples); returns (loss, grad norm). ``score_net`` may be a DDP wrapper."""
+    loss = dsm_objective(score_net, x0, cfg, draws, labels, shard)
+    return loss.detach(), optimizer_step(score_net, opt, loss, cfg.optim.grad_clip)
+
+
+def dsm_objective(score_net: nn.Module, x0: torch.Tensor, cfg: Config, draws: Draws, labels: torch.Tensor | None = None,
+                  shard: Shard = SINGLE) -> torch.Tensor:
+    """The denoising-score-matching loss of one batch (mean over samples), not yet applied."""
     x0, aug = maybe_augment(x0, cfg, draws, shard)
     x_t, sigma, eps = draw_noised(x0, cfg, draws, shard)
     _, std = noise_coefficients(sigma, cfg.noise.schedule)
@@ -102,8 +109,7 @@ def dsm_update(
     # dominated by 1/sigma^2 at the smallest sigma (a 1e5 DSM loss on digits at sigma = 0.002).
     with autocast(cfg, x0.device):
         score = score_net(x_t, sigma, labels, aug)
-    loss = objectives.dsm_loss(score.float(), eps, std, std**2).mean()
-    return loss.detach(), optimizer_step(score_net, opt, loss, cfg.optim.grad_clip)
+    return objectives.dsm_loss(score.float(), eps, std, std**2).mean()
 
 
 class TeacherStep:
@@ -166,8 +172,13 @@ class TrainStep:
 
     # -- auxiliary updates -----------------------------------------------------------------------
     def ratio_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
-        """Classifier step, real y=1 vs generated y=0, each noised at its own sigma; both halves go
-        through one forward (one DDP reduction, one launch per layer)."""
+        """Classifier step, real y=1 vs generated y=0, each noised at its own sigma."""
+        loss, metrics = self._ratio_objective(x_real, x_fake, labels_real, labels_fake)
+        return {**metrics, "ratio_grad_norm": self._apply("ratio", self.nets.ratio, loss)}
+
+    def _ratio_objective(self, x_real, x_fake, labels_real=None, labels_fake=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The classifier's loss (with R1 when configured) and its metrics; both halves go through one
+        forward (one DDP reduction, one launch per layer)."""
         x_real, aug_real = maybe_augment(x_real, self.cfg, self.draws, self.shard)
         x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.draws, self.shard)
         xt_real, sigma_real = self._noised(x_real)
@@ -188,19 +199,27 @@ class TrainStep:
                 r1 = objectives.r1_penalty(grad_real.float()).mean()
                 loss = loss + 0.5 * gamma * r1
                 extra["ratio_r1"] = r1.detach()
-        norm = self._apply("ratio", self.nets.ratio, loss)
-        return {
+        return loss, {
             **extra,
             "ratio_loss": classifier.detach(),
             "ratio_acc_real": (logit_real.detach() > 0).float().mean(),
             "ratio_acc_fake": (logit_fake.detach() < 0).float().mean(),
-            "ratio_grad_norm": norm,
         }
 
     def fake_score_update(self, x_fake: torch.Tensor, labels_fake=None) -> dict[str, torch.Tensor]:
         """Denoising score matching of the generator's samples (the VSD 'fake' score, Eq. 4)."""
         loss, norm = dsm_update(self.wrapped["fake_score"], self.opt["fake_score"], x_fake, self.cfg, self.draws, labels_fake, self.shard)
         return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
+
+    def shared_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
+        """``model.shared_encoder``: the ratio is a read-out of the fake score's encoder, so one update of
+        the fake score minimises its score-matching loss plus the classifier's (Di-Bregman App. D, after
+        SiDA: "the discriminator is built upon the auxiliary model encoder"). The classifier's forward
+        goes through the bare encoder; the fake score's DDP wrapper reduces the summed gradient once."""
+        dsm = dsm_objective(self.wrapped["fake_score"], x_fake, self.cfg, self.draws, labels_fake, self.shard)
+        classifier, metrics = self._ratio_objective(x_real, x_fake, labels_real, labels_fake)
+        norm = self._apply("fake_score", self.nets.fake_score, dsm + classifier)
+        return {**metrics, "fake_dsm_loss": dsm.detach(), "fake_grad_norm": norm}
 
     # -- generator -------------------------------------------------------------------------------
     def _ratio_logit_grad(self, x_t, sigma, w, labels=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -215,20 +234,24 @@ class TrainStep:
         potential = (w * objectives.generator_potential(logit, cfg.objective, cfg.sba_lambda)).mean()
         return logit, grad_logit, {"gen_potential": potential}
 
-    def generator_direction(self, x_t, sigma, labels=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x-space gradient g of the generator loss at x_t [B, ...] and diagnostics."""
+    def generator_direction(self, x_t, sigma, labels=None, x0=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x-space gradient g of the generator loss at x_t [B, ...] (noised from the sample x0) and diagnostics."""
         cfg = self.cfg.method
-        w = self._weight(sigma)
+        dmd = self.cfg.noise.weighting == "dmd"
+        w = None if dmd else self._weight(sigma)
         metrics: dict[str, torch.Tensor] = {}
         logit = None
-        if needs_ratio(self.method):
-            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, w, labels)
+        if needs_ratio(self.method):  # with dmd the logged potential is unweighted: its weight needs the teacher
+            logit, grad_logit, metrics = self._ratio_logit_grad(x_t, sigma, torch.ones_like(sigma) if dmd else w, labels)
         if self.method == "diffratio":
             direction = objectives.ratio_direction(logit, grad_logit, w, cfg.objective, cfg.sba_lambda)
         else:
             with torch.no_grad(), self._autocast():
                 s_fake = self.nets.fake_score(x_t, sigma, labels).float()
                 s_teacher = self.nets.teacher(x_t, sigma, labels).float()
+            if dmd:
+                alpha, std = noise_coefficients(sigma, self.cfg.noise.schedule)
+                w = objectives.dmd_weight(sigma, x0, (x_t + expand(std**2, x_t) * s_teacher) / expand(alpha, x_t))
             ratio_w = None if logit is None else objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
             direction = objectives.score_difference_direction(s_fake, s_teacher, w, ratio_w)
         if cfg.gan_weight > 0:  # Di-Bregman Alg. 1: L_gen = L_Di-Bregman + w_GAN L_GAN, at the same x_t
@@ -261,7 +284,7 @@ class TrainStep:
             scale = w * objectives.generator_weight(logit, cfg.objective, cfg.sba_lambda)
             metrics["gen_direction_norm"] = (scale * grad_logit.reshape(grad_logit.shape[0], -1).norm(dim=1)).mean()
         else:
-            direction, metrics = self.generator_direction(x_t, sigma, labels)
+            direction, metrics = self.generator_direction(x_t, sigma, labels, x_fake)
             direction = direction * expand(alpha, direction)
         with self._autocast():
             x0 = self.wrapped["generator"](z, labels).float()
@@ -286,6 +309,9 @@ class TrainStep:
         ratio_steps = self.cfg.method.ratio_steps if needs_ratio(self.method) else 0
         fake_steps = self.cfg.method.fake_score_steps if needs_scores(self.method) else 0
         for i in range(max(ratio_steps, fake_steps)):
+            if self.cfg.model.shared_encoder:  # config: ratio_steps == fake_score_steps
+                metrics.update(self.shared_update(x_real, x_fake, labels_real, labels_fake))
+                continue
             if i < ratio_steps:
                 metrics.update(self.ratio_update(x_real, x_fake, labels_real, labels_fake))
             if i < fake_steps:

@@ -53,7 +53,10 @@ def build_optimizers(nets: Networks, cfg: Config) -> dict[str, torch.optim.Optim
     if cfg.method.name == "teacher":
         return {"teacher": make_adam(nets.teacher.parameters(), cfg.optim.teacher_lr, cfg)}
     lrs = {"generator": cfg.optim.gen_lr, "ratio": cfg.optim.ratio_lr, "fake_score": cfg.optim.ratio_lr}
-    return {name: make_adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items() if getattr(nets, name) is not None}
+    # A ratio read off the fake score's encoder (model.shared_encoder) has no parameters of its own:
+    # the fake score's update trains it.
+    return {name: make_adam(getattr(nets, name).parameters(), lr, cfg) for name, lr in lrs.items()
+            if getattr(nets, name) is not None and any(p.requires_grad for p in getattr(nets, name).parameters())}
 
 
 def build_averages(nets: Networks, cfg: Config) -> tuple[EMA, EMA | None, tuple]:
@@ -62,7 +65,7 @@ def build_averages(nets: Networks, cfg: Config) -> tuple[EMA, EMA | None, tuple]
     ema = EMA(trained)
     averages = ((ema, trained, cfg.optim.ema_halflife_kimg),)
     ratio_ema = None
-    if nets.ratio is not None:  # read by the best-of-N verifier
+    if nets.ratio is not None and any(True for _ in nets.ratio.parameters()):  # read by the best-of-N verifier
         ratio_ema = EMA(nets.ratio)
         averages += ((ratio_ema, nets.ratio, cfg.optim.ratio_ema_halflife_kimg),)
     return ema, ratio_ema, averages

@@ -165,3 +165,20 @@ def test_gan_term_direction_is_grad_of_minus_log_d():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # It is DiRM's direction at w(sigma) = 1: -log c.
     torch.testing.assert_close(got, objectives.ratio_direction(logit.detach(), grad_logit, torch.ones(B, dtype=torch.float64), "dirm"))
+
+
+def test_dmd_weight_gives_dmd_x0_gradient():
+    """With w = dmd_weight the step's x0-space direction alpha * w (s_fake - s_teacher) is DMD's
+    (D_fake - D_real) / mean|x0 - D_real| (Yin et al. 2024, Eq. 8), scores from Tweedie on the VP schedule."""
+    from fastratio.noise import noise_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    x0, d_real, d_fake, eps = (torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 4.0, 14.6], dtype=torch.float64)
+    alpha, std = (v.reshape(-1, 1, 1, 1) for v in noise_coefficients(sigma, "vp"))
+    x_t = alpha * x0 + std * eps
+    s_real, s_fake = ((alpha * d - x_t) / std**2 for d in (d_real, d_fake))
+    w = objectives.dmd_weight(sigma, x0, (x_t + std**2 * s_real) / alpha)
+    direction = objectives.score_difference_direction(s_fake, s_real, w) * alpha
+    expected = (d_fake - d_real) / (x0 - d_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(direction, expected, rtol=1e-10, atol=1e-12)

@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fastratio.errors import UserError  # noqa: E402
-from fastratio.networks.sd import GuidedDenoiser, SDDenoiser, SDRatio, load_sd, sigma_grid  # noqa: E402
+from fastratio.errors import UserError
+from fastratio.networks.sd import GuidedDenoiser, SDDenoiser, SDRatio, load_sd, sigma_grid
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sd15"
 TINY = FIXTURES / "tiny-sd15"
@@ -103,14 +103,15 @@ def test_text_follows_the_pipeline(sd):
 def test_ratio_net_starts_from_the_teacher_encoder(sd):
     ratio = SDRatio(dict(sd.unet.config), sd.alphas_cumprod)
     copied = ratio.load_encoder(sd.unet)
-    assert copied == len(ratio.encoder.state_dict())
-    # Same features as the teacher's own encoder pass: compare the first down block's output.
+    assert copied == sum(len(getattr(ratio, n).state_dict()) for n in SDRatio.ENCODER)
+    for name in ("conv_in.weight", "mid_block.attentions.0.proj_in.weight"):
+        assert torch.equal(ratio.state_dict()[name], sd.unet.state_dict()[name])
     x, sigma = torch.randn(3, 4, 16, 16), torch.tensor([0.1, 1.0, 10.0])
     text = sd.text(["a", "b", "c"])
     logit = ratio(x, sigma, text)
     assert logit.shape == (3,) and torch.isfinite(logit).all()
     logit.sum().backward()
-    assert ratio.head.weight.grad is not None and ratio.encoder["conv_in"].weight.grad is not None
+    assert ratio.head.weight.grad is not None and ratio.conv_in.weight.grad is not None
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -178,3 +179,25 @@ def test_missing_component_and_name(tmp_path):
         load_sd(str(folder), torch.device("cpu"))
     with pytest.raises(UserError, match="neither a folder nor in the Hugging Face cache"):
         load_sd("nobody/no-such-model", torch.device("cpu"))
+
+
+def test_shared_encoder_ratio_reads_the_fake_score_encoder(sd):
+    """The paper's discriminator: no parameters of its own (checkpoints and optimizers see the encoder
+    once), logit = mean of the fake UNet's encoder output, gradients reaching the fake UNet."""
+    import copy
+
+    from fastratio.networks.sd import SharedEncoderRatio
+
+    fake = copy.deepcopy(sd.unet).requires_grad_(True)
+    ratio = SharedEncoderRatio(fake, sd.alphas_cumprod)
+    assert not list(ratio.parameters()) and not ratio.state_dict()
+    x, sigma, text = torch.randn(2, 4, 16, 16), torch.tensor([0.2, 7.0]), sd.text(["a", "b"])
+    logit = ratio(x, sigma, text)
+    # The same bottleneck through the UNet's own modules, hooked at its mid block.
+    seen = {}
+    hook = fake.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    fake(x, sd.denoiser().timestep(sigma).float(), encoder_hidden_states=text)
+    hook.remove()
+    torch.testing.assert_close(logit, seen["mid"].float().mean(dim=(1, 2, 3)))
+    logit.sum().backward()
+    assert fake.conv_in.weight.grad is not None and fake.conv_out.weight.grad is None

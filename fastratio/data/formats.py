@@ -26,6 +26,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,8 @@ _WHERE = {
     "folder": "set data.path to a folder of images or an EDM dataset_tool.py zip",
     "idx": "set data.path to an *-images-idx3-ubyte(.gz) file (Fashion-MNIST: Debian package dataset-fashion-mnist)",
     "npz": "set data.path to an .npz with an 'images' array",
+    "prompts": "set data.path to a .txt (one prompt a line) or .jsonl file",
+    "pairs": "set data.path to a folder of WebDataset .tar shards, one .tar, or a pattern like shards/{00000..00009}.tar",
 }
 
 
@@ -128,31 +131,39 @@ def _claimed_size(raw: bytes) -> str:
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes for 16-bit grey PNGs
 
 
-def _decode_image(raw: bytes, name: str) -> np.ndarray:
-    """uint8 [C, H, W], C 1 or 3. 16-bit grey images are scaled to 8 bits (v * 255 / 65535, rounded),
-    not clipped; palette, alpha and CMYK images become RGB."""
+@contextmanager
+def open_image(raw: bytes, name: str):
+    """``raw`` as a PIL image, not yet decoded, refused above MAX_IMAGE_PIXELS (a decompression bomb
+    claims its size in the header); any failure inside the block is one UserError naming ``name``."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{name}: {img.width}x{img.height} pixels is more than an image dataset holds (decompression bomb?)")
-            img.load()
-            if img.mode in _SIXTEEN_BIT:
-                wide = np.asarray(img).astype(np.int64)
-                if wide.min() < 0 or wide.max() > 65535:
-                    raise UserError(f"{name}: {img.mode} pixel values outside 0..65535")
-                arr = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-            else:
-                if img.mode not in ("L", "RGB"):
-                    img = img.convert("L" if img.mode == "1" else "RGB")
-                arr = np.asarray(img)
+            yield img
     except UserError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, before ours when the claim is extreme
         raise UserError(f"{name}: {_claimed_size(raw)} pixels is more than an image dataset holds (decompression bomb?)") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"{name}: cannot decode image ({type(err).__name__})") from None
+
+
+def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    """uint8 [C, H, W], C 1 or 3. 16-bit grey images are scaled to 8 bits (v * 255 / 65535, rounded),
+    not clipped; palette, alpha and CMYK images become RGB."""
+    with open_image(raw, name) as img:
+        img.load()
+        if img.mode in _SIXTEEN_BIT:
+            wide = np.asarray(img).astype(np.int64)
+            if wide.min() < 0 or wide.max() > 65535:
+                raise UserError(f"{name}: {img.mode} pixel values outside 0..65535")
+            arr = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        else:
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("L" if img.mode == "1" else "RGB")
+            arr = np.asarray(img)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,12 +32,27 @@ from .formats import Archive, dataset_path
 from .order import EpochOrder, ShardedBatches
 
 _REFERENCE_SEED = 12345  # the fixed subset evaluation compares against
+T = TypeVar("T")
+
+
+def first_readable(i: int, size: int, skip: bool, read: Callable[[int], T]) -> tuple[T | None, int, str]:
+    """``read(i)``, or with ``skip`` the first readable member from i on (wrapping around), as
+    (value, member, note): the first problem met ('' if none), and value None when nothing could be
+    read. A problem comes back as a note rather than raised: an error raised inside a worker would
+    reach the trainer as a wrapped traceback."""
+    note = ""
+    for j in range(size if skip else 1):
+        k = (i + j) % size
+        try:
+            return read(k), k, note
+        except UserError as err:
+            note = note or str(err)
+    return None, i, note or "no readable member"
 
 
 class _Members(torch.utils.data.Dataset):
-    """Member i as (array, label, note), decoded in a worker. A member that cannot be read comes back
-    as zeros with the problem in ``note`` (or, with ``skip``, as the next readable member with the
-    problem noted): an error raised inside a worker would reach the trainer as a wrapped traceback."""
+    """Member i as (array, label, note), decoded in a worker; an unreadable member comes back as
+    zeros (see ``first_readable``)."""
 
     def __init__(self, archive: Archive, shape: tuple[int, ...], dtype: np.dtype, skip: bool):
         self.archive, self.shape, self.dtype, self.skip = archive, shape, dtype, skip
@@ -51,16 +68,10 @@ class _Members(torch.utils.data.Dataset):
         return arr
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        note = ""
-        for j in range(len(self.archive) if self.skip else 1):
-            k = (i + j) % len(self.archive)
-            try:
-                arr = self._decode(k)
-            except UserError as err:
-                note = note or str(err)
-                continue
-            return torch.from_numpy(np.array(arr)), int(self.labels[k]) if self.labels is not None else 0, note
-        return torch.from_numpy(np.zeros(self.shape, self.dtype)), 0, note or "no readable member"
+        arr, k, note = first_readable(i, len(self.archive), self.skip, self._decode)
+        if arr is None:
+            return torch.from_numpy(np.zeros(self.shape, self.dtype)), 0, note
+        return torch.from_numpy(np.array(arr)), int(self.labels[k]) if self.labels is not None else 0, note
 
 
 # torch's messages: "DataLoader worker (pid 12) is killed by signal: Killed.", "DataLoader worker
@@ -100,6 +111,32 @@ def _iterate(loader: torch.utils.data.DataLoader):
     return batches
 
 
+def next_batch(batches) -> tuple:
+    """The loader's next batch; a worker that died or sent nothing within data.timeout_s is one line."""
+    try:
+        return next(batches)
+    except RuntimeError as err:
+        failure = loader_failure(err)
+        if failure is None:
+            raise
+        raise failure from None
+    except (EOFError, ConnectionError):  # a worker died while handing over a batch's shared memory
+        time.sleep(0.5)  # let it be reaped, to name it
+        dead = [str(w.pid) for w in getattr(batches, "_workers", []) if not w.is_alive()]
+        raise loader_failure(RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead)}) exited unexpectedly")) from None
+
+
+def count_skipped(notes: list[str], skip_corrupt: bool, skipped: int) -> int:
+    """``skipped`` plus the batch's unreadable members (each already replaced by the next readable
+    one); without skip_corrupt the first stops the run in one line."""
+    problems = [n for n in notes if n]
+    if problems and not skip_corrupt:
+        raise UserError(f"{problems[0]} (set data.skip_corrupt=true to skip unreadable members)")
+    if problems and not skipped:
+        print(f"data.skip_corrupt: skipping {problems[0]}; later skips are counted in the checkpoint's data state")
+    return skipped + len(problems)
+
+
 class StreamSource:
     def __init__(self, path: str, *, max_items: int, global_batch: int, shard: Shard, seed: int, device: torch.device,
                  conditional: bool, workers: int, prefetch: int, timeout_s: float, skip_corrupt: bool):
@@ -131,24 +168,8 @@ class StreamSource:
         )
 
     def _next(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            images, labels, notes = next(batches)
-        except RuntimeError as err:
-            failure = loader_failure(err)
-            if failure is None:
-                raise
-            raise failure from None
-        except (EOFError, ConnectionError):  # a worker died while handing over a batch's shared memory
-            time.sleep(0.5)  # let it be reaped, to name it
-            dead = [str(w.pid) for w in getattr(batches, "_workers", []) if not w.is_alive()]
-            raise loader_failure(RuntimeError(f"DataLoader worker (pid(s) {', '.join(dead)}) exited unexpectedly")) from None
-        problems = [n for n in notes if n]
-        if problems and not self.skip_corrupt:
-            raise UserError(f"{problems[0]} (set data.skip_corrupt=true to skip unreadable members)")
-        if problems:
-            if not self.skipped:
-                print(f"data.skip_corrupt: skipping {problems[0]}; later skips are counted in the checkpoint's data state")
-            self.skipped += len(problems)
+        images, labels, notes = next_batch(batches)
+        self.skipped = count_skipped(notes, self.skip_corrupt, self.skipped)
         return images, labels
 
     def advance(self) -> None:

@@ -22,6 +22,7 @@ text encoder's last hidden state, no attention mask to the UNet.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 from ..errors import UserError
 from ..hf import check_weights, import_diffusers, load_component, read_config, resolve_folder
 from ..noise import expand
+from .from_denoiser import OneStepGenerator
 
 PREDICTIONS = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -76,6 +78,14 @@ def read_schedule(folder: Path, key: str) -> tuple[torch.Tensor, str]:
     return sched.alphas_cumprod.to(torch.float64), prediction
 
 
+def _timestep(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Fractional step t(sigma) [B] (float64): linear in log sigma between grid points, clamped to the grid."""
+    log_sigma = sigma.to(torch.float64).log()
+    hi = torch.searchsorted(log_sigmas, log_sigma).clamp(1, log_sigmas.shape[0] - 1)
+    frac = ((log_sigma - log_sigmas[hi - 1]) / (log_sigmas[hi] - log_sigmas[hi - 1])).clamp(0, 1)
+    return (hi - 1).to(torch.float64) + frac
+
+
 class SDDenoiser(nn.Module):
     """D(x; sigma, text) of a diffusers ``UNet2DConditionModel`` (module docstring)."""
 
@@ -91,12 +101,7 @@ class SDDenoiser(nn.Module):
         return math.exp(float(self.log_sigmas[0])), math.exp(float(self.log_sigmas[-1]))
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional step t(sigma) [B] (float64): linear in log sigma between grid points, clamped to the grid."""
-        grid = self.log_sigmas
-        log_sigma = sigma.to(torch.float64).log()
-        hi = torch.searchsorted(grid, log_sigma).clamp(1, grid.shape[0] - 1)
-        frac = ((log_sigma - grid[hi - 1]) / (grid[hi] - grid[hi - 1])).clamp(0, 1)
-        return (hi - 1).to(torch.float64) + frac
+        return _timestep(self.log_sigmas, sigma)
 
     def nearest_step(self, sigma: float) -> int:
         """The grid step whose sigma is nearest ``sigma`` in log space (the generator's conditioning time)."""
@@ -133,18 +138,33 @@ class GuidedDenoiser(nn.Module):
         return uncond + self.scale * (cond - uncond)
 
 
+def _bottleneck(enc, time_proj: nn.Module, log_sigmas: torch.Tensor, x_t, sigma, text) -> torch.Tensor:
+    """The UNet encoder's output (after the mid block) at x_t on the VP schedule, which is exactly the
+    UNet's own input at that sigma. ``enc`` holds conv_in, time_embedding, down_blocks, mid_block."""
+    t = _timestep(log_sigmas, sigma).to(torch.float32)
+    emb = enc.time_embedding(time_proj(t).to(x_t.dtype))
+    h = enc.conv_in(x_t)
+    for block in enc.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(h, emb, encoder_hidden_states=text)
+        else:
+            h, _ = block(h, emb)
+    return enc.mid_block(h, emb, encoder_hidden_states=text)
+
+
 class SDRatio(nn.Module):
     """Text-conditioned ratio classifier c(x_t, sigma, text) -> logit [B]: the encoder half of the
-    teacher's UNet (conv_in, time embedding, down blocks with their cross-attention, mid block), so it
-    can start from the teacher's encoder, and a GroupNorm-SiLU-mean-pool linear head, as the image
-    ``RatioUNet``. Input: x_t on the VP schedule, which is exactly the UNet's own input at that sigma."""
+    teacher's UNet (conv_in, time embedding, down blocks with their cross-attention, mid block, under
+    the UNet's own names, so it starts from the teacher's encoder) and a GroupNorm-SiLU-mean-pool
+    linear head, as the image ``RatioUNet``."""
 
-    _ENCODER = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
+    ENCODER = ("conv_in", "time_embedding", "down_blocks", "mid_block")
 
     def __init__(self, unet_config: dict, alphas_cumprod: torch.Tensor):
         super().__init__()
         unet = import_diffusers("model").UNet2DConditionModel.from_config(unet_config)
-        self.encoder = nn.ModuleDict({name: getattr(unet, name) for name in self._ENCODER if name != "time_proj"})
+        for name in self.ENCODER:
+            setattr(self, name, getattr(unet, name))
         self.time_proj = unet.time_proj  # no parameters
         self.register_buffer("log_sigmas", sigma_grid(alphas_cumprod).log(), persistent=False)
         channels = unet_config["block_out_channels"][-1]
@@ -153,32 +173,37 @@ class SDRatio(nn.Module):
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    timestep = SDDenoiser.timestep
-
     def forward(self, x_t, sigma, text=None, augment_labels=None) -> torch.Tensor:
-        enc = self.encoder
-        t = self.timestep(sigma).to(torch.float32)
-        emb = enc["time_embedding"](self.time_proj(t).to(x_t.dtype))
-        h = enc["conv_in"](x_t)
-        for block in enc["down_blocks"]:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(h, emb, encoder_hidden_states=text)
-            else:
-                h, _ = block(h, emb)
-        h = enc["mid_block"](h, emb, encoder_hidden_states=text)
+        h = _bottleneck(self, self.time_proj, self.log_sigmas, x_t, sigma, text)
         h = F.silu(self.head_norm(h)).mean(dim=(2, 3))
         return self.head(h).squeeze(1).to(torch.float32)
 
     def load_encoder(self, unet: nn.Module) -> int:
         """Copy the teacher's encoder (every shared name); returns tensors copied."""
-        ours = self.encoder.state_dict()
-        theirs = {k: v for k, v in {f"{n}.{p}": t for n in self._ENCODER for p, t in getattr(unet, n).state_dict().items()}.items()
-                  if k in ours}
+        ours = {k: v for k, v in self.state_dict().items() if k.split(".")[0] in self.ENCODER}
+        theirs = {k: v for k, v in unet.state_dict().items() if k in ours}
         missing = [k for k in ours if k not in theirs]
         if missing:
             raise ValueError(f"teacher encoder lacks {missing[0]} (and {len(missing) - 1} more)")
-        self.encoder.load_state_dict(theirs)
+        self.load_state_dict(theirs, strict=False)
         return len(theirs)
+
+
+class SharedEncoderRatio(nn.Module):
+    """The Di-Bregman paper's discriminator (App. D, after SiDA): the fake score's own UNet encoder,
+    "the mean feature vector used as the predicted discriminator logits": logit = mean of the encoder's
+    output over channels and positions. It holds no parameters of its own (the fake score is kept
+    out of its module tree, so checkpoints and optimizers see the encoder once): the fake score's
+    update trains the encoder with both losses (``TrainStep.shared_update``)."""
+
+    def __init__(self, fake_unet: nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.__dict__["fake_unet"] = fake_unet
+        self.register_buffer("log_sigmas", sigma_grid(alphas_cumprod).log(), persistent=False)
+
+    def forward(self, x_t, sigma, text=None, augment_labels=None) -> torch.Tensor:
+        unet = self.__dict__["fake_unet"]
+        return _bottleneck(unet, unet.time_proj, self.log_sigmas, x_t, sigma, text).float().mean(dim=(1, 2, 3))
 
 
 class TextEncoder:
@@ -260,3 +285,34 @@ def load_sd(name_or_path: str, device: torch.device, key: str = "teacher.checkpo
     vae = vae.eval().requires_grad_(False).to(device)
     text = TextEncoder(tokenizer, encoder.to(device))
     return SDParts(unet.to(device), vae, text, alphas_cumprod, prediction, folder)
+
+
+def vae_factor(vae) -> int:
+    """Pixels per latent along a side (SD's VAE: 8)."""
+    return 1 << (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] of SD latents (already multiplied by the VAE's scaling_factor)."""
+    out = [vae.decode(chunk / vae.config.scaling_factor, return_dict=False)[0] for chunk in latents.float().split(batch)]
+    return torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def generator_from_checkpoint(state: dict, where: str, device: torch.device, teacher: str | None = None):
+    """(the one-step generator with the checkpoint's EMA weights, in eval mode; the teacher's parts)
+    from a text2image run's checkpoint. The teacher folder (text encoder, VAE, schedule, the UNet's
+    architecture) is the one the run recorded, or ``teacher`` when it lives elsewhere now."""
+    info = state.get("sd")
+    if not isinstance(info, dict) or not {"teacher", "sigma_init", "t_init"} <= set(info):
+        raise UserError(f"{where}: not a text2image checkpoint (no 'sd' entry with teacher, t_init, sigma_init)")
+    sigma_init = info["sigma_init"]
+    if not isinstance(sigma_init, float) or not 0 < sigma_init < 1e4:
+        raise UserError(f"{where}: sd.sigma_init {str(sigma_init)[:30]} is not a noise level")
+    parts = load_sd(teacher or str(info["teacher"]), device, key="--teacher" if teacher else f"{where} (sd.teacher)")
+    model = OneStepGenerator(parts.denoiser(copy.deepcopy(parts.unet)), sigma_init)
+    try:
+        model.load_state_dict(state["ema"])
+    except (KeyError, RuntimeError) as err:
+        raise UserError(f"{where}: the EMA weights do not fit the teacher's UNet ({str(err).splitlines()[0][:160]})") from None
+    return model.to(device).eval().requires_grad_(False), parts

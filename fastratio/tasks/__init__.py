@@ -1,6 +1,6 @@
 """Tasks: what the training loop needs from one data/model family (data, latents, networks, evaluation).
 
-The loop in ``fastratio.train`` only talks to this interface, so adding a family (images) means
+The loop in ``fastratio.train`` only talks to this interface, so adding a family (images, text-to-image) means
 adding a module here, not changing the loop.
 """
 
@@ -34,8 +34,9 @@ class Task(Protocol):
     def load_data_state(self, state: dict, source: str) -> None:
         """Continue from a checkpoint's ``data_state`` (``source`` names the checkpoint in errors)."""
 
-    def sample_latent(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n generator inputs [n, ...] and the one-hot classes to generate (None: unconditional)."""
+    def sample_latent(self, n: int, rng: torch.Generator, shard: Shard = SINGLE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shard's rows of n generator inputs [n / world, ...] and their conditioning (one-hot
+        classes, text embeddings; None: unconditional)."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Sample-quality metrics of the trained model's EMA (deterministic: fixed evaluation seed)."""
@@ -52,6 +53,10 @@ def build_task(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> Task
         from .toy2d import Toy2DTask
 
         return Toy2DTask(cfg, device)
+    if cfg.data.kind == "text2image":
+        from .text2image import TextToImageTask
+
+        return TextToImageTask(cfg, device, shard)
     if cfg.data.kind in DATASET_KINDS:
         from .image import ImageTask
 
