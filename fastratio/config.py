@@ -103,7 +103,7 @@ class ModelConfig:
     exact_teacher: bool = False  # toy, vsd/dibregman: read the mixture's closed-form score as the teacher (stage 1 still fits the one the networks start from): isolates the teacher's error
     generator_from_teacher: bool = True  # start the generator from the teacher's weights (false: fresh random weights, toy: an MLP of z; the papers' ablation)
     checkpointing: bool = False  # images: activation checkpointing of the generator (its forward is recomputed in its backward); text2image: of the generator and the fake score
-    shared_encoder: bool = False  # dibregman, text2image: the ratio is the fake score's encoder (mean feature = logit), trained with it in one update (Di-Bregman App. D, after SiDA); no separate ratio net
+    shared_encoder: bool = False  # dibregman (images, text2image): the ratio is the fake score's encoder (mean feature = logit), trained with it in one update (Di-Bregman App. D, after SiDA); no separate ratio net
 
 
 @dataclass
@@ -406,11 +406,14 @@ def _validate_text2image(cfg: Config) -> None:
     if cfg.model.shared_encoder and cfg.method.name != "dibregman":
         raise ConfigError(f"model.shared_encoder: reads the ratio off the fake score's encoder; method.name {cfg.method.name!r} "
                           "has no fake score and ratio both (dibregman)")
+    if cfg.model.shared_encoder and cfg.method.ratio_steps != cfg.method.fake_score_steps:
+        raise ConfigError(f"method.ratio_steps: with model.shared_encoder the ratio trains inside each fake-score update; "
+                          f"set it to method.fake_score_steps ({cfg.method.fake_score_steps})")
+    if cfg.model.shared_encoder and cfg.data.kind == "toy2d":
+        raise ConfigError("model.shared_encoder: reads a UNet encoder (images, text2image); the toy's MLPs have none")
     if not t2i:
         if cfg.method.cfg_scale != 1.0:
             raise ConfigError("method.cfg_scale: classifier-free guidance is for data.kind text2image")
-        if cfg.model.shared_encoder:
-            raise ConfigError("model.shared_encoder: implemented for data.kind text2image so far")
         return
     if cfg.method.name == "teacher":
         raise ConfigError("method.name: text2image distils a Stable Diffusion teacher (teacher.checkpoint); there is no stage 1")
@@ -422,9 +425,6 @@ def _validate_text2image(cfg: Config) -> None:
         raise ConfigError("augment.p: text2image runs are not augmented; set augment.p=0")
     if not cfg.data.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout: a probability below 1, got {cfg.data.caption_dropout}")
-    if cfg.model.shared_encoder and cfg.method.ratio_steps != cfg.method.fake_score_steps:
-        raise ConfigError(f"method.ratio_steps: with model.shared_encoder the ratio trains inside each fake-score update; "
-                          f"set it to method.fake_score_steps ({cfg.method.fake_score_steps})")
     if cfg.method.cfg_scale != 1.0 and cfg.method.name == "diffratio":
         raise ConfigError("method.cfg_scale: diffratio reads no teacher score to guide (its ratio net is trained on data); leave it at 1")
     if cfg.eval.fid_samples:

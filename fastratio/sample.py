@@ -55,7 +55,8 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
 def load_verifier(state: dict, path: Path, device: torch.device) -> RatioUNet:
     """The ratio network's EMA from a stage-2 DiffRatio/Di-Bregman checkpoint."""
     if "ratio_kwargs" not in state or "ratio_ema" not in state:
-        raise UserError(f"{path}: --best-of needs a checkpoint of a run with a ratio network (diffratio or dibregman)")
+        raise UserError(f"{path}: --best-of needs a checkpoint of a run with a ratio network (diffratio, or dibregman "
+                        "without model.shared_encoder)")
     try:
         ratio = RatioUNet(**state["ratio_kwargs"])
         ratio.load_state_dict(state["ratio_ema"])

@@ -112,6 +112,34 @@ def test_stage2_from_the_teacher(teacher_run, fashion, tmp_path, method):
             sample_main([newest, "--n", "4", "--best-of", "3", "--out", str(out)])
 
 
+def test_stage2_dibregman_reads_the_fake_score_encoder_as_discriminator(teacher_run, fashion, tmp_path):
+    """model.shared_encoder (the Di-Bregman paper's CIFAR-10 discriminator, after SiDA): no ratio net of
+    its own; its logit is the mean of the fake score's bottleneck; one update trains both losses."""
+    from fastratio.noise import noise_coefficients
+
+    ckpt = checkpoint.list_checkpoints(teacher_run)[-1]
+    cfg = _load("fashion_mnist", f"run.out_dir={tmp_path / 'run'}", f"data.path={fashion}", f"teacher.checkpoint={ckpt}",
+                "run.steps=3", "method.name=dibregman", "method.objective=sba", "model.shared_encoder=true",
+                "method.ratio_steps=1", "method.fake_score_steps=1", "model.augment_dim=9", "augment.p=0.5",
+                "data.conditional=true", "noise.schedule=vp")
+    nets = build_task(cfg, torch.device("cpu")).build_networks()
+    assert not list(nets.ratio.parameters())
+    fake = nets.fake_score.denoiser.eval()  # no dropout: two forwards to compare
+    x_t, sigma = torch.randn(2, 1, 28, 28), torch.tensor([0.3, 3.0])
+    labels = torch.eye(3)[:2]
+    alpha = noise_coefficients(sigma, "vp")[0].reshape(-1, 1, 1, 1)
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_in, c_noise = (s**2 + 0.25).rsqrt(), s.log().flatten() / 4  # EDM's preconditioning, sigma_data 0.5
+    want = fake.model.encode(c_in * x_t / alpha, fake.model.embed(c_noise, labels, None))[-1].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(nets.ratio(x_t, sigma, labels), want)
+
+    run = train(cfg)
+    rows = _finite_rows(run, "ratio_loss")
+    assert all(math.isfinite(r["fake_dsm_loss"]) and "ratio_grad_norm" not in r for r in rows)
+    state = checkpoint.load(checkpoint.list_checkpoints(run)[-1])
+    assert state["nets"]["ratio"] == {} and "ratio_ema" not in state and "ratio" not in state["optimizers"]
+
+
 def test_stage2_ablations_start_from_fresh_weights(teacher_run, fashion, tmp_path):
     """model.generator_from_teacher / ratio_from_teacher = false (the papers' ablations): the teacher's
     architecture with fresh random weights, the other network still from the teacher."""

@@ -169,3 +169,32 @@ def test_compiled_step_matches_eager(tmp_path, prompts):
         for key in a:
             if key != "images_per_s":
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+
+
+def test_latent_shards_written_through_the_teacher_vae(tmp_path):
+    """encode_sd_latents: SD's convention (posterior mean x scaling_factor), keys and captions kept,
+    read back by the training source as latents; an existing folder is never replaced."""
+    from fastratio.data.captions import CaptionSource, TarShards, decode_image, shard_paths
+    from fastratio.errors import UserError
+    from fastratio.networks.sd import load_sd
+    from fastratio.shard import SINGLE
+    from fastratio.tools.encode_sd_latents import main
+
+    src = FIX / "webdataset" / "images"
+    out = tmp_path / "latents"
+    assert main([str(src), str(out), "--teacher", str(TINY), "--resolution", "16", "--per-shard", "4", "--no-progress", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
+    images, latents = TarShards(shard_paths(str(src))), TarShards(shard_paths(str(out)))
+    assert latents.latent and list(latents.keys) == list(images.keys)
+    vae = load_sd(str(TINY), torch.device("cpu")).vae
+    source = CaptionSource(str(out), kind="pairs", resolution=16, global_batch=len(images), shard=SINGLE, seed=0)
+    got, captions = source.reference(len(images))
+    for i in range(len(images)):
+        raw, caption = images.read(i)
+        pixels = torch.from_numpy(decode_image(raw, images.member(i), 16))[None].float() / 127.5 - 1
+        with torch.no_grad():
+            want = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).half().float()[0]
+        j = captions.index(caption)
+        torch.testing.assert_close(got[j], want, rtol=2e-3, atol=1e-4)  # float16: batched vs single encodes may differ by an ulp
+    with pytest.raises(UserError, match="exists"):
+        main([str(src), str(out), "--teacher", str(TINY)])

@@ -59,3 +59,24 @@ class RatioUNet(nn.Module):
             raise ValueError(f"teacher encoder lacks {missing[0]} (and {len(missing) - 1} more): architectures differ")
         self.model.load_state_dict(theirs)
         return len(theirs)
+
+
+class SharedEncoderRatio(nn.Module):
+    """The Di-Bregman paper's CIFAR-10 discriminator (App. D, after SiDA): the fake score's own EDM UNet
+    encoder, "the mean feature vector used as the predicted discriminator logits": logit = mean of the
+    bottleneck activation over channels and positions, at the fake score's own preconditioning. It holds
+    no parameters (the fake score stays out of its module tree, so checkpoints and optimizers see the
+    encoder once); the fake score's update trains the encoder with both losses (``TrainStep.shared_update``)."""
+
+    def __init__(self, fake_denoiser: Precond, schedule: str = "ve"):
+        super().__init__()
+        self.__dict__["fake_denoiser"] = fake_denoiser
+        self.schedule = schedule
+
+    def forward(self, x_t, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
+        d = self.__dict__["fake_denoiser"]
+        alpha, _ = noise_coefficients(sigma, self.schedule)
+        x = x_t.to(torch.float32) / expand(alpha, x_t)
+        _, _, c_in, c_noise = d.coefficients(sigma.to(torch.float32).reshape(-1, 1, 1, 1))
+        emb = d.model.embed(c_noise.flatten().expand(x.shape[0]), d.class_labels(class_labels, x.shape[0], x.device), augment_labels)
+        return d.model.encode(c_in * x, emb)[-1].float().mean(dim=(1, 2, 3))

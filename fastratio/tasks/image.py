@@ -5,7 +5,8 @@ the network's constructor kwargs so stage 2 can rebuild it. Stage 2 reads ``teac
 stage-1 ``ckpt-*.pt``, EMA weights, or an official EDM ``*.pkl``) and builds:
   generator   g(z, c) = D(sigma_init z; sigma_init, c) initialised from the teacher (dropout off)
   ratio       the encoder half of the configured UNet with a logit head, optionally started from
-              the teacher's encoder (diffratio, dibregman)
+              the teacher's encoder (diffratio, dibregman); with model.shared_encoder (dibregman) the
+              fake score's own encoder, its mean bottleneck feature the logit (the Di-Bregman paper)
   teacher / fake_score   the frozen teacher and a trainable copy, as scores (vsd, dibregman)
 """
 
@@ -28,7 +29,7 @@ from ..latents import LatentScaling, decode, load_vae
 from ..networks.denoisers import build_denoiser
 from ..networks.edm2 import Block as EDM2Block
 from ..networks.from_denoiser import DenoiserScore, OneStepGenerator
-from ..networks.image import RatioUNet
+from ..networks.image import RatioUNet, SharedEncoderRatio
 from ..networks.unet import Precond, UNetBlock
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
@@ -168,7 +169,7 @@ class ImageTask:
         generator = copy.deepcopy(teacher) if cfg.model.generator_from_teacher else _on(build_denoiser(teacher.init_kwargs), self.device)
         generator = _without_dropout(generator).requires_grad_(True).train()
         nets = Networks(generator=OneStepGenerator(generator, cfg.model.sigma_init, cfg.model.checkpointing))
-        if needs_ratio(method):
+        if needs_ratio(method) and not cfg.model.shared_encoder:
             # The encoder half of the teacher's own UNet (DDPM++, NCSN++ or ADM, as the teacher was built),
             # so it can start from the teacher's encoder. No dropout: the generator update differentiates
             # it and wants no extra noise.
@@ -185,6 +186,10 @@ class ImageTask:
         if needs_scores(method):
             nets.teacher = DenoiserScore(teacher, cfg.noise.schedule)
             nets.fake_score = DenoiserScore(copy.deepcopy(teacher).requires_grad_(True).train(), cfg.noise.schedule)
+        if cfg.model.shared_encoder:  # the Di-Bregman paper's discriminator: the fake score's encoder
+            if t_kwargs.get("precond") == "EDM2Precond":
+                raise UserError("model.shared_encoder: reads EDM's UNet encoders (DDPM++, NCSN++, ADM), not EDM2's")
+            nets.ratio = SharedEncoderRatio(nets.fake_score.denoiser, cfg.noise.schedule)
         return nets
 
     def checkpoint_extras(self) -> dict:
@@ -195,7 +200,7 @@ class ImageTask:
         if self.cfg.method.name == "teacher":
             return {"network_kwargs": self.kwargs, **latent}
         extras = {"network_kwargs": self.generator_kwargs, "sigma_init": self.cfg.model.sigma_init, **latent}
-        if needs_ratio(self.cfg.method.name):
+        if needs_ratio(self.cfg.method.name) and not self.cfg.model.shared_encoder:
             extras["ratio_kwargs"] = self.ratio_kwargs  # the verifier rebuilds the ratio net from these
         return extras
 
