@@ -42,23 +42,27 @@ def encode_shards(shards: TarShards, vae, out: Path, resolution: int, batch: int
                   progress: bool = False) -> int:
     """Write the latent shards into ``out`` (an existing empty folder); returns the samples written."""
     tar = None
-    for start in tqdm(range(0, len(shards), batch), desc="encode", disable=not progress):
-        rows = range(start, min(start + batch, len(shards)))
-        read = [shards.read(i) for i in rows]
-        pixels = torch.stack([torch.from_numpy(decode_image(raw, shards.member(i), resolution)) for i, (raw, _) in zip(rows, read, strict=True)])
-        latents = vae.encode(pixels.to(device, torch.float32) / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
-        for i, (_, caption), latent in zip(rows, read, latents.cpu().numpy().astype(np.float16), strict=True):
-            if i % per_shard == 0:
-                if tar is not None:
-                    tar.close()
-                tar = tarfile.open(out / f"{i // per_shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-            key = shards.keys[i].decode()
-            buf = io.BytesIO()
-            np.save(buf, latent)
-            _add(tar, f"{key}.npy", buf.getvalue())
-            _add(tar, f"{key}.txt", caption.encode("utf-8"))
-    if tar is not None:
-        tar.close()
+    try:
+        for start in tqdm(range(0, len(shards), batch), desc="encode", disable=not progress):
+            rows = range(start, min(start + batch, len(shards)))
+            read = [shards.read(i) for i in rows]
+            pixels = torch.stack([torch.from_numpy(decode_image(raw, shards.member(i), resolution))
+                                  for i, (raw, _) in zip(rows, read, strict=True)])
+            latents = vae.encode(pixels.to(device, torch.float32) / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+            for i, (_, caption), latent in zip(rows, read, latents.cpu().numpy().astype(np.float16), strict=True):
+                if i % per_shard == 0:
+                    if tar is not None:
+                        tar.close()
+                    # One shard stays open across batches; the finally below closes the last.
+                    tar = tarfile.open(out / f"{i // per_shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+                key = shards.keys[i].decode()
+                buf = io.BytesIO()
+                np.save(buf, latent)
+                _add(tar, f"{key}.npy", buf.getvalue())
+                _add(tar, f"{key}.txt", caption.encode("utf-8"))
+    finally:
+        if tar is not None:
+            tar.close()
     return len(shards)
 
 
