@@ -140,6 +140,11 @@ def test_sample_cli_writes_a_decoded_grid(tmp_path, trained, prompts, capsys):
     assert run_cli(main, [str(trained), "--prompt", "x" * 10**6, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prompt of 1000000 characters" in err
+    state = checkpoint.load(trained)
+    state["sd"]["shape"] = [4, 10**9, 10**9]  # a hostile checkpoint: refused before anything is allocated
+    checkpoint.save(state, tmp_path / "hostile.pt")
+    assert run_cli(main, [str(tmp_path / "hostile.pt"), "--prompt", "a cat", "--device", "cpu"]) == 2
+    assert "sd.shape" in capsys.readouterr().err
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, prompts):

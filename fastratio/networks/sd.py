@@ -306,6 +306,9 @@ def generator_from_checkpoint(state: dict, where: str, device: torch.device, tea
     info = state.get("sd")
     if not isinstance(info, dict) or not {"teacher", "sigma_init", "t_init"} <= set(info):
         raise UserError(f"{where}: not a text2image checkpoint (no 'sd' entry with teacher, t_init, sigma_init)")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and 0 < v <= 1024 for v in shape)):
+        raise UserError(f"{where}: sd.shape {str(shape)[:40]} is not a latent shape [C, h, w]")
     sigma_init = info["sigma_init"]
     if not isinstance(sigma_init, float) or not 0 < sigma_init < 1e4:
         raise UserError(f"{where}: sd.sigma_init {str(sigma_init)[:30]} is not a noise level")

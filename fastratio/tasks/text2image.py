@@ -24,7 +24,6 @@ into fixed device buffers the step (or its CUDA graph) reads.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -128,9 +127,7 @@ class TextToImageTask:
         """How ``fastratio.sample`` and the export rebuild the generator without the data: the teacher
         folder (text encoder, VAE, schedule) and the generator's conditioning step."""
         return {"sd": {"teacher": self.cfg.teacher.checkpoint, "t_init": self.t_init, "sigma_init": self.sigma_init,
-                       "prediction": self.sd.prediction, "shape": list(self.shape),
-                       # plain JSON data: a checkpoint is read back with weights_only (no Path objects)
-                       "unet_config": json.loads(json.dumps({k: v for k, v in self.sd.unet.config.items() if not k.startswith("_")}))}}
+                       "prediction": self.sd.prediction, "shape": list(self.shape)}}
 
     # -- data ------------------------------------------------------------------------------------
     @torch.no_grad()
