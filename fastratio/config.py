@@ -26,7 +26,7 @@ class ConfigError(UserError, ValueError):
 
 OBJECTIVES = ("dikl", "dijs", "dirm", "lr", "kl", "be", "ls", "sba")
 METHODS = ("diffratio", "vsd", "dibregman", "teacher")
-SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform")
+SIGMA_DISTS = ("lognormal", "fixed", "loguniform", "uniform", "sd_steps")
 SCHEDULES = ("ve", "vp")
 WEIGHTINGS = ("sigma2", "none", "edm", "dmd")
 TOY_MIXTURES = ("ring8", "grid25", "aniso3", "spiral6", "petals12", "grid20", "rings25")
@@ -146,12 +146,14 @@ class AugmentConfig:
 @dataclass
 class NoiseConfig:
     schedule: str = "ve"  # ve: x_t = x0 + sigma*eps | vp: x_t = (x0 + sigma*eps) / sqrt(1 + sigma^2)
-    sigma_dist: str = "loguniform"  # lognormal | fixed | loguniform | uniform
+    sigma_dist: str = "loguniform"  # lognormal | fixed | loguniform | uniform | sd_steps (text2image: t uniform on the integer steps [t_min, t_max] of SD's grid, as DMD2)
     p_mean: float = -1.2  # lognormal: mean of log sigma
     p_std: float = 1.2  # lognormal: std of log sigma
     sigma_fixed: float = 2.5  # fixed: the single noise level
     sigma_min: float = 0.01  # loguniform/uniform: lower bound
     sigma_max: float = 3.0  # loguniform/uniform: upper bound
+    t_min: int = 20  # sd_steps: lowest step (DMD2: min_step_percent 0.02 of 1000)
+    t_max: int = 980  # sd_steps: highest step (DMD2: max_step_percent 0.98)
     weighting: str = "sigma2"  # w(sigma) of the generator update: sigma2 (the papers) | none | edm | dmd (vsd, dibregman: sigma2 divided per sample by mean |x0 - D_teacher(x_t)|, DMD/DMD2's normalisation)
 
 
@@ -352,6 +354,10 @@ def validate(cfg: Config) -> Config:
     for key in _NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    if not 0 <= cfg.noise.t_min <= cfg.noise.t_max <= 999:
+        raise ConfigError(f"noise.t_min/noise.t_max: {cfg.noise.t_min}, {cfg.noise.t_max}: need 0 <= t_min <= t_max <= 999")
+    if cfg.noise.sigma_dist == "sd_steps" and cfg.data.kind != "text2image":
+        raise ConfigError("noise.sigma_dist: 'sd_steps' draws Stable Diffusion's discrete steps; it is for data.kind text2image")
     if cfg.noise.sigma_min >= cfg.noise.sigma_max:
         raise ConfigError(f"noise.sigma_min: {cfg.noise.sigma_min} must be below noise.sigma_max {cfg.noise.sigma_max}")
     if not (cfg.optim.beta1 < 1 and cfg.optim.beta2 < 1):

@@ -31,7 +31,20 @@ def sample_sigma(cfg: NoiseConfig, n: int, draws: Draws, device: torch.device) -
         return torch.exp(lo + (hi - lo) * u)
     if cfg.sigma_dist == "uniform":
         return cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * u
+    if cfg.sigma_dist == "sd_steps":  # DMD2, SiD-LSG: t uniform on the integers [t_min, t_max] of SD's grid
+        t = (cfg.t_min + u * (cfg.t_max - cfg.t_min + 1)).floor().long().clamp(max=cfg.t_max)
+        return sd_sigmas(device)[t]
     raise ValueError(f"unknown sigma distribution {cfg.sigma_dist!r}")
+
+
+def sd_sigmas(device: torch.device | str = "cpu") -> torch.Tensor:
+    """EDM noise levels sqrt((1 - abar_t) / abar_t) of Stable Diffusion v1.x/v2.x's 1000 training steps
+    (float32 [1000]): scaled_linear betas from 0.00085 to 0.012, abar the cumulative product of 1 - beta
+    in float32, as diffusers' DDPMScheduler computes them (a text2image run checks its teacher's grid
+    equals this one before using ``sd_steps``)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32, device=device) ** 2
+    abar = torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
+    return ((1 - abar) / abar).sqrt().to(torch.float32)
 
 
 def noise_coefficients(sigma: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,12 @@ def test_dump_round_trips(tmp_path):
         ("optim.beta2=1.0", "optim.beta"),
         ("teacher.loss=edm2", "teacher.loss"),  # the toy's MLP teacher has no uncertainty head
         ("model.exact_teacher=true", "model.exact_teacher"),  # DiJS reads no teacher
+        ("noise.sigma_dist=sd_steps", "noise.sigma_dist"),  # Stable Diffusion's grid: text2image only
+        ("noise.t_max=1000", "noise.t_min/noise.t_max"),
+        ("noise.weighting=dmd", "noise.weighting"),  # DMD's normalisation needs a teacher; DiJS reads none
+        ("method.cfg_scale=1.75", "method.cfg_scale"),  # guidance is for text2image
+        ("model.shared_encoder=true", "model.shared_encoder"),  # the fake score's encoder: dibregman only
+        ("model.arch=sd", "model.arch"),  # the teacher's diffusers UNet: text2image only
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -201,3 +201,20 @@ def test_shared_encoder_ratio_reads_the_fake_score_encoder(sd):
     torch.testing.assert_close(logit, seen["mid"].float().mean(dim=(1, 2, 3)))
     logit.sum().backward()
     assert fake.conv_in.weight.grad is not None and fake.conv_out.weight.grad is None
+
+
+def test_sd_steps_law_draws_dmd2s_integer_steps():
+    """noise.sigma_dist sd_steps: t uniform on the integers [t_min, t_max] of SD's grid, which equals the
+    fixture scheduler's (diffusers') grid."""
+    from fastratio.config import NoiseConfig
+    from fastratio.draws import Draws
+    from fastratio.noise import sample_sigma, sd_sigmas
+
+    grid = sd_sigmas()
+    assert torch.equal(grid, sigma_grid(REF["scheduler"]["alphas_cumprod"]).float())
+    cfg = NoiseConfig(sigma_dist="sd_steps", t_min=20, t_max=23)
+    sigma = sample_sigma(cfg, 40_000, Draws(torch.Generator().manual_seed(0)), torch.device("cpu"))
+    t = torch.searchsorted(grid, sigma)
+    assert torch.equal(grid[t], sigma) and set(t.tolist()) == {20, 21, 22, 23}
+    counts = torch.bincount(t - 20).float() / len(t)
+    assert (counts - 0.25).abs().max() < 0.01

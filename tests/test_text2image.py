@@ -29,7 +29,7 @@ TINY = FIX / "sd15" / "tiny-sd15"
 PROMPTS = ["a red cube on a table", "a blue ball on grass", "the sea at night", "two cats", "a city street in rain"]
 # Per method: its data (pixel pairs, latent pairs, or prompts only) and the settings it is run with.
 METHODS = {
-    "vsd": ["method.name=vsd", "method.cfg_scale=1.75", "noise.weighting=dmd", "data.resolution=32"],
+    "vsd": ["method.name=vsd", "method.cfg_scale=1.75", "noise.weighting=dmd", "data.resolution=32", "noise.sigma_dist=sd_steps"],
     "dibregman": ["method.name=dibregman", "method.objective=sba", "method.cfg_scale=1.75", "data.resolution=16",
                   f"data.path={FIX / 'webdataset' / 'latents'}", "model.shared_encoder=true"],
     "dibregman_ratio_net": ["method.name=dibregman", "method.objective=sba", "method.gan_weight=0.1", "data.resolution=32",
@@ -203,3 +203,30 @@ def test_latent_shards_written_through_the_teacher_vae(tmp_path):
         torch.testing.assert_close(got[j], want, rtol=2e-3, atol=1e-4)  # float16: batched vs single encodes may differ by an ulp
     with pytest.raises(UserError, match="exists"):
         main([str(src), str(out), "--teacher", str(TINY)])
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("noise.schedule=ve", "noise.schedule"),
+    ("data.source=memory", "data.source"),
+    ("method.name=teacher", "method.name"),
+    ("augment.p=0.1", "augment.p"),
+    ("data.caption_dropout=1.0", "data.caption_dropout"),
+    ("model.arch=ddpmpp", "model.arch"),
+])
+def test_text2image_config_refusals_name_the_key(override, key):
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.load(None, [*BASE, *METHODS["vsd"], override])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method.name=diffratio", "method.cfg_scale=1.0", "noise.weighting=sigma2"], "data.path: method.name=diffratio trains a ratio net"),
+    (["noise.sigma_dist=loguniform", "noise.sigma_min=0.001"], "leaves the teacher's grid"),
+    (["data.path=/nonexistent/shards"], "/nonexistent/shards"),
+])
+def test_text2image_task_refusals(tmp_path, prompts, overrides, message):
+    from fastratio.errors import UserError
+    from fastratio.tasks import build_task
+
+    cfg = config.load(None, [*_overrides("vsd", tmp_path / "run", prompts), *overrides])
+    with pytest.raises(UserError, match=message):
+        build_task(cfg, torch.device("cpu"))

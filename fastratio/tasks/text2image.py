@@ -41,8 +41,10 @@ from ..networks.sd import (
     SharedEncoderRatio,
     decode_latents,
     load_sd,
+    sigma_grid,
     vae_factor,
 )
+from ..noise import sd_sigmas
 from ..shard import SINGLE, Shard
 from ..step import Networks, needs_ratio, needs_scores
 
@@ -116,6 +118,11 @@ class TextToImageTask:
                             f"[{lo:.4g}, {hi:.4g}] (t = 0..999); DMD2 and SiD-LSG draw t in [20, 980]")
         if n.sigma_dist == "fixed" and not lo * 0.999 <= n.sigma_fixed <= hi * 1.001:
             raise UserError(f"noise.sigma_fixed: {n.sigma_fixed} leaves the teacher's grid [{lo:.4g}, {hi:.4g}]")
+        if n.sigma_dist == "sd_steps":
+            ours, theirs = sd_sigmas().double(), sigma_grid(self.sd.alphas_cumprod).float().double()
+            if not torch.allclose(ours, theirs, rtol=1e-6, atol=0):
+                raise UserError("noise.sigma_dist: 'sd_steps' is SD1.x/2.x's grid (scaled_linear 0.00085-0.012); this teacher's "
+                                "scheduler differs: use loguniform with noise.sigma_min/max inside its grid")
         if m.sigma_init < lo * 0.999:  # above the grid is its last step (t = 999)
             raise UserError(f"model.sigma_init: {m.sigma_init} is below the teacher's grid [{lo:.4g}, {hi:.4g}]")
 
