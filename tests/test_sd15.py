@@ -218,3 +218,20 @@ def test_sd_steps_law_draws_dmd2s_integer_steps():
     assert torch.equal(grid[t], sigma) and set(t.tolist()) == {20, 21, 22, 23}
     counts = torch.bincount(t - 20).float() / len(t)
     assert (counts - 0.25).abs().max() < 0.01
+
+
+def test_ratio_net_checkpointing_keeps_values_and_gradients(sd):
+    torch.manual_seed(0)
+    plain = SDRatio(dict(sd.unet.config), sd.alphas_cumprod)
+    checked = SDRatio(dict(sd.unet.config), sd.alphas_cumprod, checkpointing=True)
+    checked.load_state_dict(plain.state_dict())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checked.modules())
+    plain.train(), checked.train()
+    x, sigma, text = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 3.0]), sd.text(["a", "b"])
+    outs = []
+    for net in (plain, checked):
+        logit = net(x, sigma, text)
+        logit.sum().backward()
+        outs.append((logit.detach(), net.conv_in.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])

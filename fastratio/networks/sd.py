@@ -160,9 +160,11 @@ class SDRatio(nn.Module):
 
     ENCODER = ("conv_in", "time_embedding", "down_blocks", "mid_block")
 
-    def __init__(self, unet_config: dict, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet_config: dict, alphas_cumprod: torch.Tensor, checkpointing: bool = False):
         super().__init__()
         unet = import_diffusers("model").UNet2DConditionModel.from_config(unet_config)
+        if checkpointing:  # set through the UNet's own switch, before its blocks are taken
+            unet.enable_gradient_checkpointing()
         for name in self.ENCODER:
             setattr(self, name, getattr(unet, name))
         self.time_proj = unet.time_proj  # no parameters

@@ -69,7 +69,9 @@ def build_networks(cfg: Config, sd: SDParts, sigma_init: float, device: torch.de
     if needs_ratio(method) and cfg.model.shared_encoder:  # the paper's discriminator: the fake score's encoder
         nets.ratio = SharedEncoderRatio(fake_unet, sd.alphas_cumprod).to(device)
     elif needs_ratio(method):
-        nets.ratio = SDRatio(dict(sd.unet.config), sd.alphas_cumprod).to(device)
+        # Checkpointed with the others: unchecked, the classifier's pass over real and generated
+        # samples at once sets DiffRatio's peak (bench/step_cost.py, SD1.5 rows).
+        nets.ratio = SDRatio(dict(sd.unet.config), sd.alphas_cumprod, cfg.model.checkpointing).to(device)
         if cfg.model.ratio_from_teacher:
             nets.ratio.load_encoder(sd.unet)
     if cfg.model.checkpointing:  # DMD2 checkpoints its generator and fake score likewise
