@@ -73,22 +73,19 @@ def compile_report(archs: list[str], subset: str, out: Path) -> int:
     return 1 if bad else 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--compile-report", action="store_true", help="compile every kernel variant for GPUs and report ptxas figures")
-    parser.add_argument("--arch", nargs="+", default=["sm_90", "sm_80"], choices=["sm_90", "sm_80"])
-    parser.add_argument("--subset", default="full", choices=["default", "full"])
-    args = parser.parse_args()
-    if args.compile_report:
-        return compile_report(args.arch, args.subset, args.out or Path("bench/results/kernels_sm90.json"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    b, shape = args.batch, (args.batch, *args.shape)
+def copy_gb_s(device: torch.device, numel: int) -> float:
+    """Device-to-device copy of numel fp32 elements, GB/s counting bytes read and written."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * numel * src.element_size() / _time(lambda: dst.copy_(src), device.type == "cuda")[0] / 1e6
+
+
+def kernel_rows(batch: int, sample_shape: list[int], device: torch.device, compiled: bool = True) -> list[dict]:
+    """Each kernel's Triton launch (CUDA), its reference eager and (``compiled``) torch.compile'd:
+    rows with ms quantiles, GB/s of the fused kernel's bytes and the speed-up over eager; prints a table."""
+    cuda = device.type == "cuda"
+    b, shape = batch, (batch, *sample_shape)
     x0, grad_logit = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    eps = torch.randn(shape, device=device)
     logit, w = torch.randn(b, device=device) * 3, torch.rand(b, device=device)
     alpha, std, label = torch.ones(b, device=device), torch.rand(b, device=device), (torch.rand(b, device=device) < 0.5).float()
     elem = x0.element_size()
@@ -102,17 +99,13 @@ def main() -> int:
         ("generator_surrogate", 2 * x0.numel() * elem, lambda: generator_surrogate(x0, grad_logit, logit, w, alpha, "dijs"),
          lambda: generator_surrogate_reference(x0, grad_logit, logit, w, alpha, "dijs")),
     ]
-    copy_dst = torch.empty_like(eps)
-    copy_ms = _time(lambda: copy_dst.copy_(eps), cuda)[0]
-    copy_gbs = 2 * eps.numel() * elem / copy_ms / 1e6
+    copy_gbs = copy_gb_s(device, x0.numel())  # the same bytes as the kernels: the ceiling at this size
     meta = {**environment(device), "dtype": "float32", "shape": list(shape), "copy_gb_s": copy_gbs}
     rows = []
     print(f"device {meta['device']}, copy {copy_gbs:.1f} GB/s")
     print(f"{'op':<20} {'impl':<10} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8} {'vs eager':>9}")
     for name, nbytes, kernel, reference in cases:
-        impls = {"eager": reference, "compiled": torch.compile(reference)}
-        if cuda:
-            impls["triton"] = kernel
+        impls = {"eager": reference, **({"compiled": torch.compile(reference)} if compiled else {}), **({"triton": kernel} if cuda else {})}
         eager_ms = None
         for impl, fn in impls.items():
             med, p20, p80 = _time(fn, cuda)
@@ -121,7 +114,23 @@ def main() -> int:
                    "gb_s": nbytes / med / 1e6, "speedup_vs_eager": eager_ms / med}
             rows.append(row)
             print(f"{name:<20} {impl:<10} {med:>10.4f} {p20:>8.4f} {p80:>8.4f} {row['gb_s']:>8.1f} {row['speedup_vs_eager']:>8.2f}x")
-    out = args.out or Path(f"bench/results/kernels_{'gpu' if cuda else 'cpu'}.json")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--compile-report", action="store_true", help="compile every kernel variant for GPUs and report ptxas figures")
+    parser.add_argument("--arch", nargs="+", default=["sm_90", "sm_80"], choices=["sm_90", "sm_80"])
+    parser.add_argument("--subset", default="full", choices=["default", "full"])
+    args = parser.parse_args()
+    if args.compile_report:
+        return compile_report(args.arch, args.subset, args.out or Path("bench/results/kernels_sm90.json"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = kernel_rows(args.batch, args.shape, device)
+    out = args.out or Path(f"bench/results/kernels_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

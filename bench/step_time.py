@@ -7,8 +7,10 @@
 Every configuration goes through the trainer's own code (fastratio.tasks.image, TrainStep,
 StepRunner) on synthetic uint8 images of the target shape (timing does not depend on pixel values)
 with a randomly initialised teacher written as a stage-1 checkpoint. In one process and one run:
-  (a) DiffRatio/DiJS, step.mode=graph (CUDA only)   (b) DiffRatio eager   (c) DiffRatio compile
-  (d) VSD eager (generator + frozen teacher + trained fake score)   (e) VSD compile (--vsd-compiled)
+  (a) DiffRatio/DiJS, step.mode=graph (CUDA only)   (a2) its eager step captured as a CUDA graph, no
+  compile (CUDA only: graph launch savings without a cold compile)   (b) DiffRatio eager
+  (c) DiffRatio compile   (d) VSD eager (generator + frozen teacher + trained fake score)
+  (e) VSD compile (--vsd-compiled)
 For each: median/p20/p80 ms per step after warm-up, images/s, peak memory (CUDA: max allocated;
 CPU: the process's peak RSS so far, cumulative), compile or capture time, parameters per role,
 FLOPs of one step (torch.utils.flop_counter) and achieved TFLOP/s, MFU against a matrix multiply
@@ -107,7 +109,8 @@ def _nvml(device: torch.device) -> dict:
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        return {"nvml": "ok", "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+        return {"nvml": "ok", "driver": pynvml.nvmlSystemGetDriverVersion(), "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
                 "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
                 "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000, "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000}
     except Exception as err:  # noqa: BLE001 - no pynvml, no driver, no GPU: all mean "no NVML"
@@ -120,14 +123,24 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _build(cfg: config.Config, device: torch.device):
+# (name, method, mode). "graph_eager" is step.mode=graph with the step left uncompiled: StepRunner
+# then warms up and captures the eager iteration (Adam capturable, as the graph config makes it).
+CONFIGS = [("a_diffratio_graph", "diffratio", "graph"), ("a2_diffratio_graph_eager", "diffratio", "graph_eager"),
+           ("b_diffratio_eager", "diffratio", "eager"), ("c_diffratio_compile", "diffratio", "compile"),
+           ("d_vsd_eager", "vsd", "eager"), ("e_vsd_compile", "vsd", "compile")]
+
+
+def _build(cfg: config.Config, device: torch.device, compile_step: bool = True):
     torch.manual_seed(0)
     task = build_task(cfg, device)
     nets = task.build_networks()
     opts = build_optimizers(nets, cfg)
     rng = torch.Generator(device).manual_seed(0)
     step = TrainStep(cfg, nets, opts, Draws(rng), SINGLE, None)
-    return nets, StepRunner(cfg, task, nets, step, SINGLE, device, build_averages(nets, cfg)[2], optimizers=opts)
+    runner = StepRunner(cfg, task, nets, step, SINGLE, device, build_averages(nets, cfg)[2], optimizers=opts)
+    if not compile_step:
+        runner.compiled_unit = None  # bench-only: _step runs the step eagerly, graph mode captures that
+    return nets, runner
 
 
 def _flops(cfg, device) -> int:
@@ -154,11 +167,12 @@ def _flops(cfg, device) -> int:
     return Count.total
 
 
-def measure(name: str, cfg: config.Config, device: torch.device, steps: int, warmup: int, peak_tflops: float, flops: int) -> dict:
+def measure(name: str, cfg: config.Config, device: torch.device, steps: int, warmup: int, peak_tflops: float, flops: int,
+            compile_step: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    nets, runner = _build(cfg, device)
+    nets, runner = _build(cfg, device, compile_step)
     t0 = time.perf_counter()
     # Untimed: compile's recording and compiling steps; graph's recording, warm-up and capture steps.
     needed = {"eager": 0, "compile": 2, "graph": 2 + cfg.step.warmup_steps}[cfg.step.mode]
@@ -192,6 +206,42 @@ def measure(name: str, cfg: config.Config, device: torch.device, steps: int, war
     }
 
 
+def fixtures(root: Path, size: dict) -> tuple:
+    """(root, data, teacher, size): what run_config needs, written under root (size: a SIZES entry)."""
+    return (root, *_fixtures(root, size, size["model"]), size)
+
+
+def run_config(name: str, method: str, mode: str, fix: tuple, precision: str, device: torch.device,
+               steps: int, warmup: int, peak_tflops: float) -> dict:
+    """One row: the FLOPs of an eager step, then the configuration timed in ``mode`` (a CONFIGS mode)."""
+    root, data, teacher, size = fix
+    step_mode = "graph" if mode == "graph_eager" else mode
+    flops = _flops(_config(root, data, teacher, size, size["model"], method, "eager", precision), device)
+    torch._dynamo.reset()
+    cfg = _config(root, data, teacher, size, size["model"], method, step_mode, precision)
+    return measure(name, cfg, device, steps, warmup, peak_tflops, flops, compile_step=mode != "graph_eager")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Time and memory against VSD eager (d) and DiffRatio eager (b), where those rows exist."""
+    by_name = {r["config"]: r for r in rows}
+    base, eager = by_name.get("d_vsd_eager"), by_name.get("b_diffratio_eager")
+    for r in rows:
+        if base:
+            r["time_vs_vsd_eager"] = r["ms_median"] / base["ms_median"]
+            r["memory_vs_vsd_eager"] = r["peak_memory_mb"] / base["peak_memory_mb"]
+        if eager:
+            r["time_vs_diffratio_eager"] = r["ms_median"] / eager["ms_median"]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'config':<24} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6} {'time/VSD':>9} {'mem/VSD':>8} {'time/eager':>10}")
+    for r in rows:
+        print(f"{r['config']:<24} {r['ms_median']:>9.3f} {r['ms_p20']:>8.3f} {r['ms_p80']:>8.3f} {r['images_per_s']:>9.1f} "
+              f"{r['peak_memory_mb']:>9.1f} {r['tflop_s']:>8.3f} {r['mfu']:>6.1%} {r.get('time_vs_vsd_eager', float('nan')):>8.2f}x "
+              f"{r.get('memory_vs_vsd_eager', float('nan')):>7.2f}x {r.get('time_vs_diffratio_eager', float('nan')):>9.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), help="default: cifar10 on CUDA, tiny on CPU")
@@ -214,23 +264,18 @@ def main(argv: list[str] | None = None) -> int:
             "precision": precision, "matmul_peak_tflop_s": peak}
     print(f"{meta['device']} | torch {meta['torch']} | {size_name} batch {size['batch']} {precision} | matmul peak {peak:.2f} TFLOP/s | {meta['nvml']}")
 
-    configs = [("a_diffratio_graph", "diffratio", "graph")] if cuda else []
-    configs += [("b_diffratio_eager", "diffratio", "eager"), ("c_diffratio_compile", "diffratio", "compile"),
-                ("d_vsd_eager", "vsd", "eager")]
-    if args.vsd_compiled:
-        configs.append(("e_vsd_compile", "vsd", "compile"))
+    configs = [c for c in CONFIGS if cuda or not c[2].startswith("graph")]
+    if not args.vsd_compiled:
+        configs = [c for c in configs if c[0] != "e_vsd_compile"]
     if args.skip_compile:
-        configs = [c for c in configs if c[2] != "compile"]
+        configs = [c for c in configs if c[2] not in ("compile", "graph")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data, teacher = _fixtures(Path(tmp), size, size["model"])
+        fix = fixtures(Path(tmp), size)
         for name, method, mode in configs:
-            cfg = _config(Path(tmp), data, teacher, size, size["model"], method, mode, precision)
-            flops = _flops(_config(Path(tmp), data, teacher, size, size["model"], method, "eager", precision), device)
-            torch._dynamo.reset()
-            rows.append({**meta, **measure(name, cfg, device, args.steps, args.warmup, peak, flops)})
+            rows.append({**meta, **run_config(name, method, mode, fix, precision, device, args.steps, args.warmup, peak)})
         if args.profile:
-            cfg = _config(Path(tmp), data, teacher, size, size["model"], "diffratio", "eager", precision)
+            cfg = _config(Path(tmp), *fix[1:3], size, size["model"], "diffratio", "eager", precision)
             _, runner = _build(cfg, device)
             runner()
             with torch.profiler.profile(record_shapes=True) as prof:
@@ -240,16 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             prof.export_chrome_trace(str(args.profile))
             print(f"profile: {args.profile}")
 
-    base = next(r for r in rows if r["config"] == "d_vsd_eager")
-    eager = next(r for r in rows if r["config"] == "b_diffratio_eager")
-    print(f"{'config':<22} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>9} {'peak MB':>9} {'TFLOP/s':>8} {'MFU':>6} {'time/VSD':>9} {'mem/VSD':>8} {'time/eager':>10}")
-    for r in rows:
-        r["time_vs_vsd_eager"] = r["ms_median"] / base["ms_median"]
-        r["memory_vs_vsd_eager"] = r["peak_memory_mb"] / base["peak_memory_mb"]
-        r["time_vs_diffratio_eager"] = r["ms_median"] / eager["ms_median"]
-        print(f"{r['config']:<22} {r['ms_median']:>9.3f} {r['ms_p20']:>8.3f} {r['ms_p80']:>8.3f} {r['images_per_s']:>9.1f} "
-              f"{r['peak_memory_mb']:>9.1f} {r['tflop_s']:>8.3f} {r['mfu']:>6.1%} {r['time_vs_vsd_eager']:>8.2f}x "
-              f"{r['memory_vs_vsd_eager']:>7.2f}x {r['time_vs_diffratio_eager']:>9.2f}x")
+    add_ratios(rows)
+    print_table(rows)
     if not cuda:
         print("CPU: peak memory is the process's cumulative peak RSS, so later rows cannot read lower than earlier ones")
     out = args.out or Path(f"bench/results/step_time_{'gpu' if cuda else 'cpu'}_{size_name}.json")

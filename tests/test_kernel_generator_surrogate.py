@@ -1,8 +1,8 @@
-"""Fused generator surrogate under TRITON_INTERPRET=1 against a float64 reference."""
+"""Fused generator surrogate under TRITON_INTERPRET=1 (and compiled, on a GPU) against a float64 reference."""
 
 import pytest
 import torch
-from testkit import assert_compiles_like_eager
+from testkit import DEVICES, assert_compiles_like_eager
 
 from fastratio.kernels.generator_surrogate import generator_surrogate, generator_surrogate_reference
 
@@ -23,12 +23,14 @@ def _inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 1e-4, 1e-4)])
-def test_forward_and_backward_match_float64(shape, objective, dtype, atol, rtol):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_backward_match_float64(shape, objective, dtype, atol, rtol, device):
     x0, grad_logit, logit, w, alpha = _inputs(shape, dtype)
     upstream = torch.randn(shape[0], generator=torch.Generator().manual_seed(9))
-    x = x0.clone().requires_grad_(True)
-    got = generator_surrogate(x, grad_logit, logit, w, alpha, objective, 1.7)
-    (got_grad,) = torch.autograd.grad(got, x, upstream)
+    x = x0.to(device, copy=True).requires_grad_(True)
+    got = generator_surrogate(x, *(t.to(device) for t in (grad_logit, logit, w, alpha)), objective, 1.7)
+    (got_grad,) = torch.autograd.grad(got, x, upstream.to(device))
+    got, got_grad = got.cpu(), got_grad.cpu()
     xr = x0.double().requires_grad_(True)
     want = generator_surrogate_reference(xr, grad_logit.double(), logit.double(), w.double(), alpha.double(), objective, 1.7)
     (want_grad,) = torch.autograd.grad(want, xr, upstream.double())

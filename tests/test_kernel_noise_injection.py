@@ -1,8 +1,9 @@
-"""Fused noise injection under TRITON_INTERPRET=1: Philox noise, forward and backward vs float64."""
+"""Fused noise injection under TRITON_INTERPRET=1 (and compiled, on a GPU): Philox noise, forward and
+backward vs float64."""
 
 import pytest
 import torch
-from testkit import assert_compiles_like_eager
+from testkit import DEVICES, assert_compiles_like_eager
 
 from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
 
@@ -13,10 +14,10 @@ SHAPES = [(1, 1), (7, 1151), (3, 3 * 1023), (3, 3, 5, 7)]
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2)]
 
 
-def _eps(shape, seed):
-    """The kernel's own noise: alpha = 0, std = 1."""
+def _eps(shape, seed, device="cpu"):
+    """The kernel's own noise: alpha = 0, std = 1 (on the host)."""
     b = shape[0]
-    return noise_inject(torch.zeros(shape), torch.zeros(b), torch.ones(b), seed)
+    return noise_inject(torch.zeros(shape, device=device), torch.zeros(b, device=device), torch.ones(b, device=device), seed).cpu()
 
 
 def _inputs(shape, dtype, seed=0):
@@ -26,38 +27,41 @@ def _inputs(shape, dtype, seed=0):
     return x0, alpha, std
 
 
-def test_noise_is_standard_normal_and_seeded():
-    eps = _eps((4, 65536), seed=123).double()
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_is_standard_normal_and_seeded(device):
+    eps = _eps((4, 65536), 123, device).double()
     assert abs(float(eps.mean())) < 0.01 and abs(float(eps.std()) - 1) < 0.01
     assert abs(float((eps**3).mean())) < 0.03 and abs(float((eps**4).mean()) - 3) < 0.05
-    assert torch.equal(_eps((4, 65536), seed=123), _eps((4, 65536), seed=123))
-    other = _eps((4, 65536), seed=124).double()
+    assert torch.equal(_eps((4, 65536), 123, device), _eps((4, 65536), 123, device))
+    other = _eps((4, 65536), 124, device).double()
     assert abs(float((eps * other).mean())) < 0.01  # a new seed gives independent noise
     assert abs(float((eps[0] * eps[1]).mean())) < 0.02  # rows do not repeat each other
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-def test_forward_matches_reference(shape, dtype, atol, rtol):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_reference(shape, dtype, atol, rtol, device):
     x0, alpha, std = _inputs(shape, dtype)
-    got = noise_inject(x0, alpha, std, seed=7)
-    want = noise_inject_reference(x0.double(), alpha.double(), std.double(), _eps(shape, 7).double())
+    got = noise_inject(x0.to(device), alpha.to(device), std.to(device), seed=7).cpu()
+    want = noise_inject_reference(x0.double(), alpha.double(), std.double(), _eps(shape, 7, device).double())
     assert got.dtype == dtype and got.shape == x0.shape
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_regenerates_noise(shape, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_regenerates_noise(shape, dtype, device):
     x0, alpha, std = _inputs(shape, dtype, seed=1)
     upstream = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    leaves = [t.clone().requires_grad_(True) for t in (x0, alpha, std)]
-    got = torch.autograd.grad(noise_inject(*leaves, seed=11), leaves, upstream)
+    leaves = [t.to(device, copy=True).requires_grad_(True) for t in (x0, alpha, std)]
+    got = torch.autograd.grad(noise_inject(*leaves, seed=11), leaves, upstream.to(device))
     ref_leaves = [t.double().requires_grad_(True) for t in (x0, alpha, std)]
-    want = torch.autograd.grad(noise_inject_reference(*ref_leaves, _eps(shape, 11).double()), ref_leaves, upstream.double())
+    want = torch.autograd.grad(noise_inject_reference(*ref_leaves, _eps(shape, 11, device).double()), ref_leaves, upstream.double())
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
     for name, a, b in zip(("x0", "alpha", "std"), got, want):
-        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(a.cpu().double(), b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_shape_checks_name_the_argument():

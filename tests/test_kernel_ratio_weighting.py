@@ -1,7 +1,8 @@
-"""Fused ratio weighting under TRITON_INTERPRET=1 against a float64 reference."""
+"""Fused ratio weighting under TRITON_INTERPRET=1 (and compiled, on a GPU) against a float64 reference."""
 
 import pytest
 import torch
+from testkit import DEVICES
 
 from fastratio.kernels.ratio_weighting import OBJECTIVE_CODES, ratio_weighting, ratio_weighting_reference
 
@@ -24,27 +25,29 @@ def _inputs(n, dtype, scale=4.0, seed=0):
 @pytest.mark.parametrize("n", [1, 7, 1151, 3 * 1023])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_forward_matches_float64_reference(n, dtype, atol, rtol, objective):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_float64_reference(n, dtype, atol, rtol, objective, device):
     logit, label, w = _inputs(n, dtype)
-    got = ratio_weighting(logit, label, w, objective, 1.7)
+    got = ratio_weighting(logit.to(device), label.to(device), w.to(device), objective, 1.7)
     want = ratio_weighting_reference(logit.double(), label.double(), w.double(), objective, 1.7)
     for name, a, b in zip(("loss", "dlogit", "scale"), got, want):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{objective} {name}: {m}")
+        torch.testing.assert_close(a.cpu().double(), b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{objective} {name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_with_upstream_gradient(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_with_upstream_gradient(dtype, device):
     logit, label, w = _inputs(1151, dtype, seed=1)
     upstream = torch.randn(1151, generator=torch.Generator().manual_seed(2))
-    x = logit.clone().requires_grad_(True)
-    loss, _, _ = ratio_weighting(x, label, w, "dijs")
-    (got,) = torch.autograd.grad(loss, x, upstream)
+    x = logit.to(device, copy=True).requires_grad_(True)
+    loss, _, _ = ratio_weighting(x, label.to(device), w.to(device), "dijs")
+    (got,) = torch.autograd.grad(loss, x, upstream.to(device))
     ref = logit.double().requires_grad_(True)
     ref_loss = torch.nn.functional.binary_cross_entropy_with_logits(ref, label.double(), reduction="none")
     (want,) = torch.autograd.grad(ref_loss, ref, upstream.double())
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import DEVICES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastratio import config
@@ -41,8 +42,8 @@ def _run_without_sync(runner, steps=2):
             runner()
 
 
-def _runner(cfg):
-    return _build(cfg, torch.device("cpu"))[1]  # the benchmark's builder: the trainer's own construction path
+def _runner(cfg, device="cpu"):
+    return _build(cfg, torch.device(device))[1]  # the benchmark's builder: the trainer's own construction path
 
 
 def test_the_mode_catches_a_host_read():
@@ -51,13 +52,16 @@ def test_the_mode_catches_a_host_read():
 
 
 @pytest.mark.parametrize("method", ["diffratio", "vsd", "dibregman"])
-def test_toy_iteration_has_no_host_sync(method):
+@pytest.mark.parametrize("device", DEVICES)
+def test_toy_iteration_has_no_host_sync(method, device):
     # Constant rate: a scheduled rate is a tensor that non-capturable Adam (CPU here) reads on the
     # host; the compiled and captured CUDA steps use capturable Adam (fastratio.optim.make_adam).
+    # On CUDA the Triton kernels run (run.kernels=auto), their seeds drawn on the device.
     cfg = config.load(ROOT / "configs" / "toy2d.yaml", ["optim.batch_size=16", "model.gen_hidden=16", "model.ratio_hidden=16",
                                                          "model.score_hidden=16", "method.teacher_steps=1", f"method.name={method}",
-                                                         "optim.grad_clip=1.0", "run.kernels=torch", "optim.lr_schedule=constant"])
-    _run_without_sync(_runner(cfg))
+                                                         "optim.grad_clip=1.0", f"run.kernels={'torch' if device == 'cpu' else 'auto'}",
+                                                         "optim.lr_schedule=constant", f"run.device={device}"])
+    _run_without_sync(_runner(cfg, device))
 
 
 def test_image_iteration_with_augmentation_has_no_host_sync(tmp_path):

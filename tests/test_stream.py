@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testkit import on_gpu
 
 from fastratio import checkpoint
 from fastratio.data.formats import Archive, load_dataset
@@ -295,3 +296,21 @@ def test_two_gloo_ranks_streaming_equal_one_process(tmp_path):
     assert sa["data"] == sb["data"] == {"position": 16, "size": 12, "skipped": 0}
     for key, value in sa["nets"]["teacher"].items():
         torch.testing.assert_close(sb["nets"]["teacher"][key], value, rtol=1e-4, atol=1e-6)
+
+
+@on_gpu
+def test_a_captured_graph_reads_each_batch_advance_copies_in():
+    """step.mode=graph's contract on a GPU: the graph, captured once, sees every later batch that
+    advance() copies (non-blocking, from pinned memory) into the device buffers."""
+    want = _take(_source(FIX / "cond-rgb16.zip", batch=4, conditional=True), 4)
+    source = _source(FIX / "cond-rgb16.zip", batch=4, conditional=True, device=torch.device("cuda"))
+    source.advance()
+    images, labels = source.draw(4, None, SINGLE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sums, label_copy = images.float().sum((1, 2, 3)), labels + 0  # integers: exact in float32
+    for step in range(4):
+        if step:
+            source.advance()
+        graph.replay()
+        assert torch.equal(sums.cpu(), want[step][0].float().sum((1, 2, 3))) and torch.equal(label_copy.cpu(), want[step][1])

@@ -1,10 +1,36 @@
-"""Helpers shared by the tests: bytes of real file formats, and compile-vs-eager parity."""
+"""Helpers shared by the tests: bytes of real file formats, compile-vs-eager parity, and the GPU marks."""
 
 import io
+import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+
+
+def _no_gpu_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    # tests/conftest.py turns Triton's interpreter on; it would run the kernels on host copies of the
+    # CUDA tensors, so a pass would say nothing about the compiled kernels.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: run the GPU tests as TRITON_INTERPRET=0 python -m pytest -m gpu"
+    return ""
+
+
+# The checks only a GPU can make (bench/gpu_check.py runs `-m gpu`); skipped elsewhere with the reason.
+_NO_GPU = _no_gpu_reason()
+GPU = (pytest.mark.gpu, pytest.mark.skipif(bool(_NO_GPU), reason=_NO_GPU or "-"))
+# A test run on the CPU (under the interpreter) and, with the GPU marks, on CUDA.
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+
+
+def on_gpu(test):
+    """Decorator: the GPU marks on a test."""
+    for mark in GPU:
+        test = mark(test)
+    return test
 
 
 def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
