@@ -24,7 +24,7 @@ keeps what finished. Each row has ``part``, ``item``, ``status`` (ok | failed | 
                compile: the launch savings even when no compile fits), DiffRatio graph (the cold
                whole-step compile), DiffRatio compile, VSD compile; then the ratios and the cost
                model's estimates beside the measurements (bench/results/step_cost_<size>_<precision>.json)
-  extra        the kernels' GB/s against the copy (bench/kernels.py), ImageNet-64 ADM and EDM2-XS
+  extra        the kernels' GB/s against the copy (bench/kernel_speed.py), ImageNet-64 ADM and EDM2-XS
                (img512 latents) at batch 32: DiffRatio and VSD eager, DiffRatio's captured eager step
 
 Budget: part i ends at start + the sum of the first i shares of --budget-s (time a part leaves
@@ -150,7 +150,7 @@ def checkout_imports() -> str:
 
 
 def _bench_module(name: str):
-    """bench/<name>.py by path: bench/kernels.py must not be imported as `kernels` (the repo's kernels/)."""
+    """bench/<name>.py by path: bench/kernel_speed.py must not be imported as `kernels` (the repo's kernels/)."""
     if f"bench_{name}" not in sys.modules:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -226,7 +226,7 @@ class Check:
         try:  # a missing package fails here (step_time imports all of fastratio): the row still says which
             self.peak_tflops = _bench_module("step_time")._matmul_peak_tflops(self.device, dtype)
             info.update(matmul_dtype=str(dtype).removeprefix("torch."), matmul_tflop_s=self.peak_tflops,
-                        copy_gb_s=_bench_module("kernels").copy_gb_s(self.device, numel), copy_bytes=2 * 4 * numel)
+                        copy_gb_s=_bench_module("kernel_speed").copy_gb_s(self.device, numel), copy_bytes=2 * 4 * numel)
             # Clocks read after the ceilings, while the GPU is still boosted from them.
             info.update(_clocks(self.device) if self.cuda else {"nvml": "no NVML (CPU)"})
         except Exception as err:  # noqa: BLE001 - recorded in the row
@@ -306,7 +306,7 @@ class Check:
         self.item("estimates", None, lambda: estimates(rows, path))
 
     def extra(self) -> None:
-        bench_kernels = _bench_module("kernels")
+        bench_kernels = _bench_module("kernel_speed")
 
         def kernels():
             rows = bench_kernels.kernel_rows(64 if self.cuda else 8, [3, 32, 32] if self.cuda else [3, 8, 8], self.device, compiled=self.cuda)

@@ -22,17 +22,24 @@ _PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _unshadow_kernels() -> None:
-    """transformers >= 5 imports Hugging Face's ``kernels`` package. Run from this repository (its root,
-    or ``bench/`` on sys.path as the benchmarks put it), Python would find the repository's own
-    ``kernels/`` folder (shipped as ``fastratio.kernels``) or ``bench/kernels.py`` under that name;
-    import the installed package first, from the sys.path entries outside the repository."""
-    if "kernels" in sys.modules:
-        return
+def _unshadow_kernels(repo: Path = _REPO) -> None:
+    """transformers >= 5 imports Hugging Face's ``kernels`` package. Run from this repository's root (as
+    ``python -m`` and pytest put it on sys.path), Python would find the repository's own ``kernels/``
+    folder (shipped as ``fastratio.kernels``) under that name; import the installed package instead, from
+    the sys.path entries outside the repository, and drop the folder if something imported it as such."""
+    def in_repo(origin) -> bool:  # a checkout's own files; a virtual environment inside it is not
+        path = Path(origin or ".").resolve()
+        return path.is_relative_to(repo) and not {"site-packages", "dist-packages"} & set(path.parts)
+
+    loaded = sys.modules.get("kernels")
+    if loaded is not None:
+        if not getattr(loaded, "__file__", None) or not in_repo(loaded.__file__):
+            return
+        del sys.modules["kernels"]
     spec = importlib.util.find_spec("kernels")
-    if spec is None or not spec.origin or not Path(spec.origin).resolve().is_relative_to(_REPO):
+    if spec is None or not spec.origin or not in_repo(spec.origin):
         return
-    path = [p for p in sys.path if not Path(p or ".").resolve().is_relative_to(_REPO)]
+    path = [p for p in sys.path if not in_repo(p)]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None:  # not installed: nothing will import it
         return

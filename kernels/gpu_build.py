@@ -15,7 +15,7 @@ divisible by 16 (aligned: Triton may vectorise) or not, and 32- or 64-bit intege
 specialises an int argument by its width). The trainer itself passes fp32 (it casts network outputs
 to float before the kernels); bf16 is part of the launchers' API. ``DEFAULT`` is the subset the
 default CI run compiles; ``variants(full=True)`` is all of them (the slow test and
-``bench/kernels.py --compile-report``).
+``bench/kernel_speed.py --compile-report``).
 """
 
 from __future__ import annotations

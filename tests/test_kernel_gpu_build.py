@@ -23,7 +23,7 @@ def _run(args, tmp_path):
 
 def _report(tmp_path, subset):
     out = tmp_path / "report.json"
-    proc = _run(["bench/kernels.py", "--compile-report", "--subset", subset, "--arch", "sm_90", "sm_80", "--out", str(out)], tmp_path)
+    proc = _run(["bench/kernel_speed.py", "--compile-report", "--subset", subset, "--arch", "sm_90", "sm_80", "--out", str(out)], tmp_path)
     assert out.is_file(), proc.stderr[-2000:]
     return proc, json.loads(out.read_text())
 

@@ -1,8 +1,8 @@
 """Time each fused kernel against its PyTorch reference, eager and torch.compile'd; or compile every
 kernel variant for real GPUs (no GPU needed) and report what ptxas says.
 
-    python bench/kernels.py [--batch 64] [--shape 3 32 32] [--out bench/results/kernels_<device>.json]
-    python bench/kernels.py --compile-report [--arch sm_90 sm_80] [--subset default|full] [--out bench/results/kernels_sm90.json]
+    python bench/kernel_speed.py [--batch 64] [--shape 3 32 32] [--out bench/results/kernels_<device>.json]
+    python bench/kernel_speed.py --compile-report [--arch sm_90 sm_80] [--subset default|full] [--out bench/results/kernels_sm90.json]
 
 ``--compile-report`` (fastratio.kernels.gpu_build): registers, spills, stack, shared memory and
 vector-load width per variant and architecture, and the targets each variant misses; exit status 1
