@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_errors_as_os_errors
 from .errors import UserError
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -34,16 +34,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if _NAME.match(p.name))
 
 
+def _torch_save(state: dict[str, Any], f) -> None:
+    # torch's zip writer reports a full disk as RuntimeError ("unexpected pos"): made an OSError, so
+    # atomic_write removes the temp file and the caller's os_error line reports it.
+    with write_errors_as_os_errors(f.fileno()):
+        torch.save(state, f)
+
+
 def save(state: dict[str, Any], path: Path, keep: int | None = None) -> Path:
     """Write ``state`` atomically to ``path``; of the checkpoints *older* than it, keep the newest
     ``keep - 1`` (the file just written always stays, and newer ones are never touched)."""
     path = Path(path)
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
     if keep is not None:
         older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
         for old in older[: max(len(older) - (keep - 1), 0)]:
             old.unlink(missing_ok=True)
     return path
+
+
+MAX_COUNT = 2**63 - 1  # steps, images and positions are int64 where they meet torch
+
+
+def state_count(value: Any, what: str, source: str) -> int:
+    """A step, image count or data position read from a checkpoint, as the int it must be: a bool, float
+    (a fractional position would be truncated silently), string or negative value is one line."""
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise UserError(f"{source}: {what} {value!r:.40} is not a non-negative integer")
+    return value
 
 
 class CorruptCheckpoint(Exception):

@@ -25,8 +25,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT (128 + 2)
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; turn a UserError into 'error: ...' on stderr and exit status 2."""
+    """Run ``main``; turn a UserError into 'error: ...' on stderr and exit status 2, and a Ctrl-C that
+    interrupts at once (before training's own handler is in place, or the second one: see
+    fastratio.guard.StopRequest) into one line and status 130."""
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(args)
@@ -36,3 +41,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         # One line whatever the message holds (library errors quoted inside can span several).
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if "--debug" in args:
+            raise
+        print("error: interrupted by Ctrl-C; stopped at once (a file being written was dropped, earlier files are intact)", file=sys.stderr)
+        return INTERRUPTED

@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from . import safe_pickle
 from .atomic import atomic_write
-from .data.formats import DATASET_KINDS, load_dataset
+from .data.formats import DATASET_KINDS, check_npz_headers, load_dataset
 from .data.stream import StreamSource
 from .errors import ArgumentParser, UserError, run_cli
 from .images import to_uint8
 from .inception import INCEPTION, checked_weights, default_weights, private_cache_dir
 from .runinfo import environment
+from .runlog import append_line
 from .sample import latent_decoder, load_model, load_verifier, sample
 from .shard import SINGLE
 from .train import resolve_device
@@ -87,15 +88,39 @@ def fidelity_metrics(fake: torch.Tensor, real: torch.Tensor, *, feature_extracto
     return out
 
 
+MAX_FEATURE_DIM = 8192  # feature width of reference statistics (Inception 2048, DINOv2-L 1024): sigma is 512 MB at the limit
+
+
+def _float_array(value, shape: tuple[int, ...]) -> np.ndarray:
+    """``value`` (an array, or nested lists as a pickle may hold them) as float64 of exactly ``shape``,
+    checked level by level before anything is allocated: a pickle's list can hold 2**18 memo references
+    to one row, which ``np.asarray`` would expand into gigabytes."""
+    if isinstance(value, np.ndarray):
+        if value.shape != shape:
+            raise ValueError(f"an array of shape {value.shape} where {shape} is expected")
+        return value.astype(np.float64)
+    if not isinstance(value, list | tuple) or len(value) != shape[0]:
+        raise ValueError(f"a {type(value).__name__} of {len(value) if isinstance(value, list | tuple) else 'no'} items "
+                         f"where {shape[0]} are expected")
+    if len(shape) == 1:
+        return np.fromiter((float(v) for v in value), dtype=np.float64, count=shape[0])  # float() refuses a nested list
+    out = np.empty(shape, dtype=np.float64)
+    for i, row in enumerate(value):
+        out[i] = _float_array(row, shape[1:])
+    return out
+
+
 def read_reference_stats(path: str | Path, what: str = "--fid-ref") -> dict[str, np.ndarray]:
     """FID reference statistics {mu [D], sigma [D, D]} (float64) from EDM2's ``calculate_metrics.py ref``
     pickle (``{"fid": {"mu", "sigma"}, ...}``, read by fastratio.safe_pickle: plain arrays only) or
-    EDM's ``fid-refs/*.npz`` (``np.load(allow_pickle=False)``)."""
+    EDM's ``fid-refs/*.npz`` (``np.load(allow_pickle=False)``, each header checked against its stored
+    bytes first). D is bounded by MAX_FEATURE_DIM and sigma's shape checked before it is allocated."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: {path} not found (EDM2's reference statistics, e.g. img512.pkl, or EDM's fid-refs .npz)")
     try:
         if path.suffix == ".npz":
+            check_npz_headers(path, ("mu", "sigma"), max_bytes=8 * MAX_FEATURE_DIM**2)
             with np.load(path, allow_pickle=False) as f:
                 stats = {"mu": f["mu"], "sigma": f["sigma"]}
         else:
@@ -104,13 +129,17 @@ def read_reference_stats(path: str | Path, what: str = "--fid-ref") -> dict[str,
             stats = data["fid"] if isinstance(data, dict) and isinstance(data.get("fid"), dict) else None
             if stats is None:
                 raise ValueError("no 'fid' statistics inside")
-        mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+        mu = stats["mu"]
+        dim = mu.shape[0] if isinstance(mu, np.ndarray) and mu.ndim == 1 else len(mu) if isinstance(mu, list | tuple) else -1
+        if not 0 < dim <= MAX_FEATURE_DIM:
+            raise ValueError(f"mu is not a vector of 1 to {MAX_FEATURE_DIM} features")
+        mu, sigma = _float_array(mu, (dim,)), _float_array(stats["sigma"], (dim, dim))
     except (safe_pickle.UnsafePickleError, safe_pickle.MalformedPickleError) as err:
         raise UserError(f"{what}: {path} is not reference statistics readable as data ({str(err)[:160]})") from None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"{what}: {path} is not reference statistics ({type(err).__name__}: {str(err)[:120]})") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UserError(f"{what}: {path} holds mu {mu.shape} and sigma {sigma.shape}; expected finite [D] and [D, D]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{what}: {path} holds non-finite values in mu or sigma")
     return {"mu": mu, "sigma": sigma}
 
 
@@ -269,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": seed,
                    "best_of": best_of, **against, "feature_extractor": args.feature_extractor, **metrics}
             rows.append(row)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(out, json.dumps(row), "--out")
             print(f"N={best_of} seed={seed}: FID {metrics['fid']:.3f}" + (f", KID {metrics['kid']:.5f}" if "kid" in metrics else ""))
         fids = [r["fid"] for r in rows if r["best_of"] == best_of]
         print(f"N={best_of}: FID min {min(fids):.3f}, mean {statistics.mean(fids):.3f} over {len(fids)} seed(s)")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .atomic import write_errors_as_os_errors
 from .errors import ArgumentParser, UserError, os_error, run_cli
 from .networks.sd import generator_from_checkpoint
 
@@ -57,7 +58,8 @@ def export(path: Path, out: Path, teacher: str | None = None) -> Path:
     except OSError as err:
         raise os_error(f"--out: cannot create {out}", err) from None
     try:
-        model.denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        with write_errors_as_os_errors():  # safetensors reports a full disk as SafetensorError
+            model.denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         (tmp / "fastratio.json").write_text(json.dumps(info, indent=2) + "\n")
         os.rename(tmp, out)
     except OSError as err:

@@ -1,7 +1,10 @@
 """Stopping safely: signals turn into a final checkpoint, divergence into a clear stop.
 
 ``StopRequest`` catches SIGTERM/SIGINT (a scheduler's preemption, Ctrl-C) and only sets a flag; the
-loop checkpoints the current step and exits normally. A second SIGINT interrupts at once.
+loop checkpoints the current step and exits normally. A second SIGINT interrupts at once: the CLI
+(``errors.run_cli``) reports it in one line, status 130; a checkpoint being written is dropped
+(``atomic.atomic_write``) and the previous one is intact. Loader workers ignore both
+signals (``data.stream.make_loader``): the trainer stops them itself.
 ``DivergenceWatch`` records, on the device and without a host sync, the first step whose metrics
 were NaN/Inf; the loop reads it on log and checkpoint steps, and a checkpoint is written only after
 that check (and a parameter check) passes, so the newest checkpoint is always a good one.

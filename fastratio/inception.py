@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .atomic import write_errors_as_os_errors
+from .errors import UserError, os_error
 
 INCEPTION = "inception-v3-compat"
 _CHECKED: dict[tuple, str] = {}  # (resolved path, size, mtime) -> the private copy
@@ -68,7 +69,11 @@ def checked_weights(path: str, what: str = "--inception") -> str:
         if got.shape != ref.shape or got.is_floating_point() != ref.is_floating_point():
             raise UserError(f"{what}: {path}: {name} is {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}")
     copy = _private_dir() / "inception.pth"
-    torch.save({k: state[k].to(ref.dtype).contiguous() for k, ref in want.items()}, copy)
+    try:
+        with write_errors_as_os_errors():
+            torch.save({k: state[k].to(ref.dtype).contiguous() for k, ref in want.items()}, copy)
+    except OSError as err:
+        raise os_error(f"{what}: cannot write the checked copy {copy}", err) from None
     _CHECKED[key] = str(copy)
     return str(copy)
 

@@ -1,7 +1,7 @@
 """The run folder: one writer at a time, nothing lost, nothing written through a link.
 
 - **Lock.** A run holds an exclusive POSIX record lock (``fcntl.lockf``) on ``<run>/.lock`` for its
-  whole life; the kernel releases it when the process dies, however it dies. Forked children (data
+  whole life (a ``.lock`` that is a symlink, a hard link, a FIFO or a device is refused, never written); the kernel releases it when the process dies, however it dies. Forked children (data
   loader workers) do not inherit it, unlike an ``flock``: a run killed with SIGKILL frees its folder
   at once, not when its orphaned workers notice and exit. A second run on the same folder stops with
   one line naming the holder (pid, host, start time).
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from . import checkpoint
-from .atomic import atomic_write
+from .atomic import atomic_write, open_regular
 from .errors import UserError, os_error
 
 _TEMP = re.compile(r"^(ckpt-\d{9}\.pt|best\.pt|config\.yaml|metrics\.jsonl|losses\.png|samples-\d{9}\.png)\.[a-z0-9_]{8}\.tmp$")
@@ -48,7 +48,12 @@ class RunFolder:
             raise UserError(f"run.out_dir: {self.path} exists and is not a folder")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise os_error(f"run.out_dir: cannot use {self.path}", err) from None
+        try:
+            # A .lock left by an earlier run is reused, so it is opened as hostile: a hard link to another
+            # file would be truncated and overwritten below, a FIFO would hang or fail (atomic.open_regular).
+            fd = open_regular(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         except OSError as err:
             raise os_error(f"run.out_dir: cannot use {self.path}", err) from None
         try:

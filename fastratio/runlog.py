@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, open_regular
 from .errors import UserError, os_error
 
 
@@ -53,12 +53,19 @@ class JsonlLog:
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def write(self, record: dict) -> None:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-            with os.fdopen(fd, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            raise os_error(f"run.out_dir: cannot append to {self.path}", err) from None
+        append_line(self.path, json.dumps(record), "run.out_dir", create=False)
+
+
+def append_line(path: Path, line: str, culprit: str, create: bool = True) -> None:
+    """Append ``line`` and a newline to ``path`` in place, never through a symlink, into a FIFO or
+    device, or into a file hard-linked from elsewhere (``atomic.open_regular``); any failure is one
+    line naming ``culprit`` (the config key or flag that chose the file) and the file."""
+    try:
+        fd = open_regular(Path(path), os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0))
+        with os.fdopen(fd, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        raise os_error(f"{culprit}: cannot append to {path}", err) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -26,6 +26,7 @@ import _compat_pickle
 import codecs
 import io
 import math
+import pickle
 import pickletools
 from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
@@ -141,10 +142,16 @@ for _core in ("numpy.core.multiarray", "numpy._core.multiarray"):
 
 # -- torch tensors ------------------------------------------------------------------------------
 def _load_storage(raw: Any) -> Any:
-    """torch.storage._load_from_bytes: a storage pickled by plain pickle is a small torch.save archive."""
+    """torch.storage._load_from_bytes: a storage pickled by plain pickle is a small torch.save archive,
+    read by torch's weights-only unpickler; what it refuses (a global such as os.system) it raises as
+    pickle.UnpicklingError, which is this reader's refusal too."""
     if not isinstance(raw, bytes):
         raise UnsafePickleError("storage payload is not bytes")
-    storage = torch.load(io.BytesIO(raw), weights_only=True)
+    try:
+        storage = torch.load(io.BytesIO(raw), weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = next((line.strip() for line in str(err).splitlines() if "global" in line.lower()), str(err).splitlines()[0] if str(err) else "")
+        raise UnsafePickleError(f"storage payload refused by torch's weights-only reader ({refused[:160]})") from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise UnsafePickleError(f"storage payload holds a {type(storage).__name__}")
     return storage
@@ -293,8 +300,8 @@ class _Machine:
             return handler(*args, **(kwargs or {}))
         except UnsafePickleError as err:
             raise self.fail(f"{func}: {err}") from None
-        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-            raise self.fail(f"{func}: bad arguments ({type(err).__name__}: {str(err)[:120]})") from None
+        except Exception as err:  # noqa: BLE001 - whatever a handler's library raises on the file's arguments is a refusal
+            raise self.fail(f"{func}: bad arguments ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})") from None
 
     def build(self, state: Any) -> None:
         target = self.pop()
@@ -304,6 +311,8 @@ class _Machine:
             value = target.build(state)
         except UnsafePickleError as err:
             raise self.fail(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - as in call: the file's state made a library raise
+            raise self.fail(f"BUILD of {type(target).__name__} refused ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})") from None
         self.stack.append(value)
         if value is not target:
             for key in self.memo_keys.pop(id(target), ()):

@@ -51,6 +51,7 @@ from .errors import ArgumentParser, UserError, os_error, run_cli
 from .evaluate import feature_function, fid_of_features, read_reference_stats
 from .networks.sd import decode_latents, generator_from_checkpoint
 from .runinfo import environment
+from .runlog import append_line
 from .sample import one_step, read_prompts
 from .train import resolve_device
 
@@ -281,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_images is not None:
         row.update(images=str(args.save_images), images_written=written)
     out = args.out or args.checkpoint.with_name("metrics-t2i.jsonl")
-    try:
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as err:
-        raise os_error(f"--out: cannot append to {out}", err) from None
+    append_line(out, json.dumps(row), "--out")
     print(json.dumps(row))
     return 0
 

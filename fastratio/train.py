@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from . import config as config_mod
+from .checkpoint import state_count
 from .config import Config
 from .draws import Draws
 from .ema import EMA, ema_beta
@@ -174,6 +175,14 @@ def _check_same_run(state: dict, cfg: Config, nets: Networks, source: Path) -> N
         raise UserError(f"--resume: {source} holds networks {sorted(saved)}, this run trains {sorted(roles)}")
 
 
+def _apart_from_training(device: torch.device):
+    """Evaluation and plots run with the global RNGs (the stream of the step's dropout) restored after
+    them: what they draw there (torch-fidelity's DataLoader takes its workers' seed from it, and a
+    resumed process reads the real set's features again at its first evaluation) would otherwise
+    shift every later dropout mask, and a resumed run's losses would part from an uninterrupted run's."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda")
+
+
 def _save(state: dict, path: Path, keep: int | None = None) -> None:
     try:
         checkpoint.save(state, path, keep)
@@ -221,7 +230,7 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     if found is not None:
         _check_same_run(found[1], cfg, nets, found[0])
         if ctx.is_main:
-            folder.check_newer(found[1]["step"], supersede, found[0])
+            folder.check_newer(state_count(found[1].get("step"), "step", str(found[0])), supersede, found[0])
     toy_teacher = cfg.data.kind == "toy2d" and nets.teacher is not None
     if found is None and cfg.data.kind == "toy2d" and needs_teacher(cfg):
         pretrain_teacher(task, nets, cfg, rng)
@@ -237,7 +246,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
             nets.teacher.requires_grad_(False).eval()
         _restore(state, nets, ema, opts, rng, path, ratio_ema)
         task.load_data_state(state.get("data", {}), str(path))
-        start, nimg, last_good = state["step"], state["nimg"], str(path)
+        start, nimg = (state_count(state.get(key), key, str(path)) for key in ("step", "nimg"))
+        last_good = str(path)
         if ctx.world > 1:
             torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)
         if ctx.is_main:
@@ -287,7 +297,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
                 t_last, n_last = now, step
                 if ctx.is_main:
                     if evaluate:
-                        record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
+                        with _apart_from_training(device):
+                            record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
                     log.write(record)
                     if record.get("eval_fid", float("inf")) < best_fid:
                         best_fid = record["eval_fid"]
@@ -297,7 +308,8 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
                     bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
             if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
                 try:
-                    task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+                    with _apart_from_training(device):
+                        task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
                     plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
                 except OSError as err:
                     raise os_error(f"run.out_dir: cannot write plots into {run_dir}", err) from None

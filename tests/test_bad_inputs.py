@@ -195,6 +195,30 @@ def _broken_files(d, out, rng):
         (d / f"{name}.pkl").write_bytes(HOSTILE[name])
     for name in ("cyclic-modules", "kwargs-200000-deep", "mixed-keys-no-ema", "non-record-module"):
         (d / f"{name}.pkl").write_bytes(MALFORMED[name][0])
+    (d / "storage-naming-a-refused-global.pkl").write_bytes(HOSTILE["storage-naming-a-refused-global"])
+    # Issue 29: what a file says, bounded before use; the two data sources alike.
+    from test_stream import _zip_claiming
+
+    for name, labels in {"label_minus_one": [0, 1, -1, 0, 1, 2], "label_2_70": [0, 1, 2**70, 0, 1, 2]}.items():
+        write_dataset_zip(d / f"{name}.zip", grey, labels)
+    raw = write_dataset_zip(d / "stream_ok.zip", grey, [0, 1, 2, 0, 1, 2]).read_bytes()
+    (d / "zip64_claim.zip").write_bytes(_zip_claiming(raw, "00000/img00000000.png", 2**40))
+    write_dataset_zip(d / "float128.zip", np.zeros((4, 2, 28, 28), np.longdouble))
+    write_dataset_zip(d / "empty_latents.zip", np.zeros((4, 8, 0, 0), np.float32))
+    row = [0.0] * (1 << 16)
+    (d / "memo-rows-ref.pkl").write_bytes(pickle.dumps({"fid": {"mu": [0.0] * 4, "sigma": [row] * (1 << 18)}}))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(d / "huge-sigma-ref.npz", "w") as z:
+        z.writestr("mu.npy", _npy(np.zeros(4)))
+        z.writestr("sigma.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\x00" * 64)
+    torch.save({**teacher, "data": {"position": 1.5, "size": 6}}, d / "fractional-position.pt")
+    torch.save({**checkpoint.load(out["toy_ckpt"]), "step": 1.5}, d / "fractional-step.pt")
+    victim = d / "victim.txt"
+    victim.write_text("precious")
+    for name, make in {"lock_hardlink": lambda lock: os.link(victim, lock), "lock_fifo": os.mkfifo}.items():
+        (d / name).mkdir()
+        make(d / name / ".lock")
     # torch-fidelity inputs.
     torch.save(Evil(), d / "evil-inception.pth")
     torch.save({"conv.weight": torch.zeros(3)}, d / "wrong-inception.pth")
@@ -204,6 +228,12 @@ def _broken_files(d, out, rng):
     with zipfile.ZipFile(d / "ts.pt") as src, zipfile.ZipFile(d / "ts-evil.pt", "w") as dst:
         for item in src.infolist():
             dst.writestr(item, pickle.dumps(Evil(), protocol=2) if item.filename.endswith("/data.pkl") else src.read(item))
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 def _image(files, kind, path, *extra):
@@ -328,6 +358,35 @@ CASES += [
     ("EDM pickle with 200000-deep kwargs", lambda f: _image(f, *_IDX(f), "teacher.checkpoint=" + _D(f, "kwargs-200000-deep.pkl")), {}, "nested deeper than 8 levels"),
     ("EDM pickle without ema", lambda f: _image(f, *_IDX(f), "teacher.checkpoint=" + _D(f, "mixed-keys-no-ema.pkl")), {}, "no EDM network under 'ema'"),
     ("EDM pickle with a non-module", lambda f: _image(f, *_IDX(f), "teacher.checkpoint=" + _D(f, "non-record-module.pkl")), {}, "a is a int, not a module"),
+    # issue 29: the two data sources alike, what a file says bounded before use, the run lock hostile
+    ("streamed label -1", lambda f: _image(f, "folder", f["dir"] / "label_minus_one.zip", "data.source=stream", "data.conditional=true"), {},
+     r"label_minus_one.zip: labels must be non-negative integers \(got int, min -1\)"),
+    ("streamed label 2^70", lambda f: _image(f, "folder", f["dir"] / "label_2_70.zip", "data.source=stream", "data.conditional=true"), {},
+     "label_2_70.zip: label 1180591620717411303424 implies"),
+    ("label 2^70 in memory", lambda f: _image(f, "folder", f["dir"] / "label_2_70.zip", "data.conditional=true"), {},
+     "label_2_70.zip: label 1180591620717411303424 implies"),
+    ("zip directory claiming 2^40 bytes", lambda f: _image(f, "folder", f["dir"] / "zip64_claim.zip", "data.source=stream"), {},
+     "zip64_claim.zip/00000/img00000000.png: claims 1099511627776 bytes compressed"),
+    ("streamed float128 latents", lambda f: _image(f, "folder", f["dir"] / "float128.zip", "data.source=stream"), {},
+     r"float128.zip/00000/img-mean-std-00000000.npy: expected a \[C, H, W\] array of uint8, float16, float32, float64 .*float128"),
+    ("empty latents in memory", lambda f: _image(f, "folder", f["dir"] / "empty_latents.zip"), {},
+     r"empty_latents.zip/00000/img-mean-std-00000000.npy: expected .*with no empty axis, got float32 \(8, 0, 0\)"),
+    ("FID statistics of 2^18 references to one row", lambda f: _image(f, *_IDX(f), "eval.fid_samples=8", "eval.fid_ref=" + _D(f, "memo-rows-ref.pkl")), {},
+     "eval.fid_ref: .*memo-rows-ref.pkl is not reference statistics .*262144 items where 4 are expected"),
+    ("FID statistics npz claiming 10^12 floats", lambda f: _image(f, *_IDX(f), "eval.fid_samples=8", "eval.fid_ref=" + _D(f, "huge-sigma-ref.npz")), {},
+     r"huge-sigma-ref.npz: sigma header says \(1000000, 1000000\)"),
+    ("EDM pickle whose storage names a refused global", lambda f: _image(f, *_IDX(f), "teacher.checkpoint=" + _D(f, "storage-naming-a-refused-global.pkl")), {},
+     r"storage payload refused by torch's weights-only reader \(Trying to load unsupported GLOBAL os.system"),
+    ("resume at a fractional data position", lambda f: [FASHION_TEACHER, *_sets(*QUICK, *TINY_UNET, "run.out_dir=" + _D(f, "r5"), "data.kind=folder",
+                                                                      "data.path=" + _D(f, "stream_ok.zip"), "data.source=stream",
+                                                                      "data.conditional=true"), "--resume", _D(f, "fractional-position.pt")], {},
+     "fractional-position.pt: data position 1.5 is not a non-negative integer"),
+    ("resume at a fractional step", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + _D(f, "r6"), "model.gen_hidden=16", "model.ratio_hidden=16"),
+                                               "--resume", _D(f, "fractional-step.pt")], {}, "fractional-step.pt: step 1.5 is not a non-negative integer"),
+    ("run lock hard-linked to another file", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + _D(f, "lock_hardlink"))], {},
+     "run.out_dir: cannot use .*lock_hardlink: .lock is a hard link shared with another file"),
+    ("run lock that is a FIFO", lambda f: [TOY, *_sets(*QUICK, "run.out_dir=" + _D(f, "lock_fifo"))], {},
+     r"run.out_dir: cannot use .*lock_fifo: .lock is not a regular file"),
     # in-loop evaluation
     ("missing in-loop Inception weights", lambda f: _image(f, *_IDX(f), "eval.fid_samples=8", "eval.inception=" + _D(f, "none.pth")), {}, "eval.inception: .*none.pth not found"),
     ("malicious in-loop Inception weights", lambda f: _image(f, *_IDX(f), "eval.fid_samples=8", "eval.inception=" + _D(f, "evil-inception.pth")), {}, "eval.inception: .*evil-inception.pth is not a weights file readable as data"),

@@ -175,3 +175,21 @@ def test_sixteen_bit_png_is_read_at_full_depth_and_scaled_to_8_bits(tmp_path):
     data = load_dataset("folder", str(tmp_path))
     want = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert data.images.shape == (1, 1, 4, 4) and np.array_equal(data.images[0, 0].numpy(), want)
+
+
+def test_an_idx_header_claiming_gigabytes_costs_memory_only_as_data_arrives(tmp_path):
+    # read(n) allocates n bytes before reading: a 2 GiB claim (inside the stated limit) over a 76-byte file
+    # asked for 2 GiB at once, plain or gzipped.
+    import tracemalloc
+
+    head = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (2048, 2048, 512))
+    for name, raw in {"claims-images-idx3-ubyte": head + bytes(64), "claims-images-idx3-ubyte.gz": gzip.compress(head + bytes(64))}.items():
+        (tmp_path / name).write_bytes(raw)
+        tracemalloc.start()
+        try:
+            with pytest.raises(UserError, match=r"header says \(2048, 2048, 512\) \(2147483648 bytes\) but fewer follow"):
+                read_idx(tmp_path / name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 256 << 20, (name, peak)

@@ -147,6 +147,10 @@ HOSTILE = {
     # A real 2-element storage viewed as 5 elements: would read past the allocation.
     "tensor-past-its-storage": b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") + b"(" + _global("torch.storage", "_load_from_bytes")
     + _bytes(_storage_payload()) + b"\x85RK\x00K\x05\x85K\x01\x85\x89NtR.",
+    # A storage record whose payload names os.system: torch's weights-only reader refuses it with its own
+    # pickle.UnpicklingError, which once escaped as a traceback.
+    "storage-naming-a-refused-global": b"\x80\x02" + _global("torch.storage", "_load_from_bytes")
+    + _bytes(b"\x80\x02" + _global("os", "system") + b"(" + _str("touch MARKER") + b"tR.") + b"\x85R.",
 }
 
 

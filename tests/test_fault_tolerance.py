@@ -143,3 +143,51 @@ def test_a_finite_explosion_stops_naming_the_metric_step_and_last_good_checkpoin
     # And a normal run never trips the default.
     monkeypatch.setattr(TrainStep, "__call__", original)
     train(config.load(ROOT / "configs" / "toy2d.yaml", SMALL + [f"run.out_dir={tmp_path / 'normal'}", "run.log_every=5"]))
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_without_a_traceback(capsys):
+    """The first SIGINT asks for a checkpoint and a clean stop; the second interrupts at once. Both here
+    are real signals to this process, through the trainer's handler (StopRequest) and its CLI wrapper."""
+    import os
+
+    from fastratio.errors import run_cli
+    from fastratio.guard import StopRequest
+
+    def main(argv):
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.time() + 10
+            while not stop.requested and time.time() < deadline:
+                time.sleep(0.01)
+            assert stop.signal_name == "SIGINT"  # the first one: a flag, the loop goes on to its checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # interrupted well before
+        return 0
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        status = run_cli(main, [])
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped as a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 130 and len(err) == 1 and err[0].startswith("error: interrupted by Ctrl-C; stopped at once"), err
+    assert signal.getsignal(signal.SIGINT) is before  # StopRequest put the earlier handler back
+
+
+def test_evaluation_and_plots_draw_nothing_from_the_training_rng(tmp_path, monkeypatch):
+    """The step's dropout reads the global RNG. An evaluation drew there (torch-fidelity's loader takes
+    its seed from it, and a resumed process reads the real set's features again at its first evaluation),
+    which moved every later mask: what a checkpoint saves of that RNG must not depend on evaluations."""
+    from fastratio.tasks.toy2d import Toy2DTask
+
+    def saved_rng(out: Path) -> torch.Tensor:
+        sets = [*SMALL, f"run.out_dir={out}", "run.steps=2", "run.ckpt_every=2", "run.eval_every=1", "run.plot_every=2",
+                "method.teacher_steps=2", "data.eval_samples=64"]
+        train(config.load(ROOT / "configs" / "toy2d.yaml", sets))
+        return checkpoint.load(checkpoint.checkpoint_path(out, 2))["rng"]["torch_cpu"]
+
+    quiet = saved_rng(tmp_path / "quiet")
+    evaluate, plot = Toy2DTask.evaluate, Toy2DTask.plot
+    monkeypatch.setattr(Toy2DTask, "evaluate", lambda self, model: (torch.rand(3), evaluate(self, model))[1])
+    monkeypatch.setattr(Toy2DTask, "plot", lambda self, model, path: (torch.rand(3), plot(self, model, path))[1])
+    assert torch.equal(saved_rng(tmp_path / "drawing"), quiet)

@@ -4,6 +4,7 @@ corrupt checkpoints found by CRC, stale temp files cleaned, a partial metrics li
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from fastratio import checkpoint, config
-from fastratio.errors import UserError
+from fastratio.errors import UserError, run_cli
 from fastratio.runfolder import RunFolder
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import JsonlLog, read_jsonl
+from fastratio.train import main as train_main
 from fastratio.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +230,63 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_check
         train(_cfg(run))
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000002.pt"]
     assert not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("space_left, shown", [(1, r"write failed \(\[enforce fail at inline_container.cc:672\] . unexpected pos 704 vs 598\)"),
+                                               (0, r"No space left on device \(disk full\)")])
+def test_torch_saves_runtime_error_on_a_full_disk_is_one_line_status_2_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, capsys, space_left, shown):
+    # torch's zip writer reports a short write as RuntimeError, not OSError: it escaped the one-line handler.
+    run = tmp_path / "run"
+    real_save, real_statvfs = torch.save, os.fstatvfs
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: type("Stat", (), {"f_bavail": space_left})() if calls["n"] >= 2 else real_statvfs(fd))
+    argv = [a for kv in [*SMALL, f"run.out_dir={run}", "run.steps=4"] for a in ("--set", kv)]
+    assert run_cli(train_main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(f"error: run.out_dir: cannot write checkpoint .*ckpt-000000004.pt: {shown}", err[0]), err
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["ckpt-000000002.pt"] and not list(run.glob("*.tmp"))
+    assert checkpoint.load(run / "ckpt-000000002.pt")["step"] == 2  # the earlier checkpoint is intact
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    return victim
+
+
+@pytest.mark.parametrize("kind, shown", [("hard link", ".lock is a hard link shared with another file"),
+                                         ("fifo", r".lock is not a regular file \(a FIFO or device\?\)"),
+                                         ("symlink", ".lock is a symbolic link")])
+def test_a_lock_file_that_is_a_link_or_a_fifo_is_refused_in_one_line_and_nothing_is_written(tmp_path, kind, shown):
+    # A hard-linked .lock had its other file truncated and overwritten with the lock text; a FIFO was a traceback.
+    victim, run = _victim(tmp_path), tmp_path / "run"
+    run.mkdir()
+    {"hard link": lambda lock: os.link(victim, lock), "fifo": os.mkfifo, "symlink": lambda lock: lock.symlink_to(victim)}[kind](run / ".lock")
+    with pytest.raises(UserError, match=f"run.out_dir: cannot use .*run: {shown}; remove it"), RunFolder(run):
+        pass
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("kind", ["hard link", "fifo"])
+def test_metrics_appends_never_reach_a_hard_linked_file_nor_block_on_a_fifo(tmp_path, kind):
+    # The metrics file is replaced at start; one swapped in later (by another user of a shared folder) is refused.
+    victim, metrics = _victim(tmp_path), tmp_path / "metrics.jsonl"
+    log = JsonlLog(metrics)
+    metrics.unlink()
+    os.link(victim, metrics) if kind == "hard link" else os.mkfifo(metrics)
+    with pytest.raises(UserError, match="run.out_dir: cannot append to .*metrics.jsonl: metrics.jsonl is (a hard link|not a regular file)"):
+        log.write({"step": 1})
+    assert victim.read_text() == "precious"
 
 
 def test_a_forced_resume_that_fails_validation_moves_nothing(tmp_path):

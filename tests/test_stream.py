@@ -3,6 +3,7 @@ bad members and dead workers in one line, and host memory that does not grow wit
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,24 @@ def test_the_step_reads_fixed_buffers_that_advance_refills_in_place():
     assert (again.data_ptr(), labels_again.data_ptr()) == pointers and not torch.equal(again, first)
 
 
+@on_gpu
+def test_a_captured_graph_reads_each_batch_advance_copies_in():
+    """step.mode=graph's contract on a GPU: the graph, captured once, sees every later batch that
+    advance() copies (non-blocking, from pinned memory) into the device buffers."""
+    want = _take(_source(FIX / "cond-rgb16.zip", batch=4, conditional=True), 4)
+    source = _source(FIX / "cond-rgb16.zip", batch=4, conditional=True, device=torch.device("cuda"))
+    source.advance()
+    images, labels = source.draw(4, None, SINGLE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sums, label_copy = images.float().sum((1, 2, 3)), labels + 0  # integers: exact in float32
+    for step in range(4):
+        if step:
+            source.advance()
+        graph.replay()
+        assert torch.equal(sums.cpu(), want[step][0].float().sum((1, 2, 3))) and torch.equal(label_copy.cpu(), want[step][1])
+
+
 def test_two_rank_sources_together_read_the_one_process_batches():
     one = _take(_source(FIX / "cond-rgb16.zip", batch=4, workers=2), 5)
     ranks = [_take(_source(FIX / "cond-rgb16.zip", batch=4, shard=Shard(k, 2), workers=1), 5) for k in range(2)]
@@ -194,6 +213,113 @@ def test_a_folder_over_the_memory_budget_is_refused_before_decoding(tmp_path):
         load_dataset("folder", str(FIX / "cond-rgb16.zip"), budget_gb=1e-6)
 
 
+# -- the two sources alike: one check, one decode, nothing a file says trusted unchecked ------------
+def _refusal(call, *args, **kw) -> str:
+    with pytest.raises(UserError) as caught:
+        call(*args, **kw)
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("label", [-1, 10**12, 2**70])
+def test_a_bad_label_is_refused_by_both_sources_with_the_same_line(tmp_path, label):
+    # The stream source once trained label -1 as unlabelled (an all-zero one-hot) and overflowed on 2**70.
+    path = write_dataset_zip(tmp_path / "set.zip", RGB[:4], [0, 1, label, 2])
+    memory = _refusal(load_dataset, "folder", str(path))
+    assert _refusal(_source, path, conditional=True, workers=0) == _refusal(_source, path, workers=0) == memory
+    assert memory.startswith(str(path)) and str(label) in memory
+
+
+def test_big_endian_latents_read_alike_and_float128_or_empty_ones_are_refused_alike(tmp_path):
+    latents = np.random.default_rng(0).standard_normal((4, 4, 2, 2)).astype(">f4")
+    path = write_dataset_zip(tmp_path / "big-endian.zip", latents)
+    want = torch.from_numpy(latents.astype(np.float32))
+    assert torch.equal(load_dataset("folder", str(path)).images, want)
+    streamed = torch.cat([images for images, _ in _take(_source(path, batch=2), 2)])
+    assert torch.equal(streamed, want[EpochOrder(4, 0).items(0, 4)])
+    for name, arrays in {"float128": np.zeros((4, 4, 2, 2), np.longdouble), "empty": np.zeros((4, 8, 0, 0), np.float32)}.items():
+        path = write_dataset_zip(tmp_path / f"{name}.zip", arrays)
+        memory = _refusal(load_dataset, "folder", str(path))
+        assert _refusal(_source, path, workers=0) == memory
+        assert f"{name}.zip/00000/img-mean-std-00000000.npy: expected a [C, H, W] array of uint8, float16, float32, float64" in memory
+
+
+def _zip_claiming(raw: bytes, name: str, claimed: int) -> bytes:
+    """The zip ``raw`` with ``name``'s central-directory entry claiming ``claimed`` compressed bytes
+    through a zip64 extra field, as a zip of members over 4 GiB holds them."""
+    end = raw.rindex(b"PK\x05\x06")
+    sig, disk, disk_cd, on_disk, count, _, start, _ = struct.unpack(zipfile.structEndArchive, raw[end : end + zipfile.sizeEndCentDir])
+    pos, entries = start, []
+    for _ in range(count):
+        fields = list(struct.unpack(zipfile.structCentralDir, raw[pos : pos + zipfile.sizeCentralDir]))
+        name_len, extra_len, comment_len = fields[12:15]
+        at = pos + zipfile.sizeCentralDir
+        member, extra, comment = raw[at : at + name_len], raw[at + name_len : at + name_len + extra_len], raw[at + name_len + extra_len :][:comment_len]
+        if member == name.encode():
+            fields[10] = 0xFFFFFFFF  # compressed size: read from the zip64 field
+            extra = struct.pack("<HHQ", 1, 8, claimed) + extra
+            fields[13] = len(extra)
+        entries.append(struct.pack(zipfile.structCentralDir, *fields) + member + extra + comment)
+        pos = at + name_len + extra_len + comment_len
+    directory = b"".join(entries)
+    return raw[:start] + directory + struct.pack(zipfile.structEndArchive, sig, disk, disk_cd, on_disk, count, len(directory), start, 0)
+
+
+@pytest.mark.parametrize("claimed, match", [(2**40, "claims 1099511627776 bytes compressed"), (2**29, "past the file's")])
+def test_a_zip_directory_claiming_more_than_the_file_holds_is_refused_before_reading(tmp_path, claimed, match):
+    # os.pread allocates what it is asked for: 2**40 was a MemoryError, 2**29 half a gigabyte per read.
+    raw = write_dataset_zip(tmp_path / "set.zip", RGB[:3], [0, 1, 2]).read_bytes()
+    path = tmp_path / "claims.zip"
+    path.write_bytes(_zip_claiming(raw, "00000/img00000000.png", claimed))
+    memory = _refusal(load_dataset, "folder", str(path))
+    assert _refusal(_source, path, workers=0) == memory
+    assert memory.startswith(f"{path}/00000/img00000000.png: ") and match in memory
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"position": 1.5, "size": 12}, "data position 1.5 is not a non-negative integer"),  # was truncated to 1, silently
+    ({"position": -4, "size": 12}, "data position -4 is not"),
+    ({"position": "8", "size": 12}, "data position '8' is not"),
+    ({"position": True, "size": 12}, "data position True is not"),
+    ({"position": 2**64, "size": 12}, "data position 18446744073709551616 is not"),
+    ({"position": 8, "size": 12, "skipped": 0.5}, "data skipped 0.5 is not"),
+    ({"position": 8, "size": "12"}, "data size '12' is not"),
+    ({"position": 8}, "has no streaming position and size"),
+])
+def test_a_checkpoint_s_stream_state_is_checked_before_use(state, match):
+    source = _source(FIX / "cond-rgb16.zip", workers=0)
+    assert match in _refusal(source.load_state, state, "ckpt")
+    assert source.state() == {"position": 0, "size": 12, "skipped": 0}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_building_and_rebuilding_loaders_draws_nothing_from_the_global_torch_rng(workers):
+    # The step's dropout draws from the global RNG; a DataLoader without a generator drew its workers'
+    # base seed there each time an iterator was built (at start, after a resume, for the reference).
+    before = torch.random.get_rng_state()
+    source = _source(FIX / "cond-rgb16.zip", batch=4, conditional=True, workers=workers)
+    _take(source, 2)
+    source.load_state(source.state(), "ckpt")  # a resume: the next advance builds a new iterator
+    _take(source, 2)
+    source.reference(5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+def test_loader_workers_leave_ctrl_c_and_sigterm_to_the_trainer():
+    # Both reach the whole process group; a worker killed by them turned the trainer's clean stop into
+    # a dead-worker error. The trainer alone stops (checkpoint, exit) and shuts its workers down.
+    source = _source(FIX / "cond-rgb16.zip", batch=2, workers=1)
+    _take(source, 1)
+    pid = source._batches._workers[0].pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored >> (signal.SIGINT - 1) & 1 and ignored >> (signal.SIGTERM - 1) & 1
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    assert len(_take(source, 8)) == 8 and source._batches._workers[0].is_alive()
+
+
 # -- host memory ----------------------------------------------------------------------------------
 _RSS = textwrap.dedent("""
     import resource, sys, torch
@@ -257,28 +383,41 @@ def _rows(run: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(run / "metrics.jsonl")}
 
 
-def test_sigkill_resume_with_streaming_reads_the_uninterrupted_batches(tmp_path):
+def _killed_and_resumed(tmp_path: Path, steps: int, kill_after: int, *extra: str) -> tuple[Path, Path]:
+    """(an uninterrupted run, the same run killed by SIGKILL once its checkpoint at ``kill_after`` exists
+    and resumed with --resume auto): both folders."""
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(straight, 60), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(_train_cmd(straight, steps, *extra), cwd=ROOT, check=True, capture_output=True, timeout=300)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(run, 60), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train_cmd(run, steps, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not checkpoint.checkpoint_path(run, 20).exists():
+    while not checkpoint.checkpoint_path(run, kill_after).exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     saved = checkpoint.load(checkpoint.list_checkpoints(run)[-1])
-    assert saved["data"]["position"] == 4 * saved["step"] < 4 * 60
-    subprocess.run(_train_cmd(run, 60, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    assert _rows(run) == _rows(straight)  # every step's loss, before and after the kill
+    assert saved["data"]["position"] == 4 * saved["step"] < 4 * steps
+    subprocess.run(_train_cmd(run, steps, *extra, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return straight, run
+
+
+# The configs' dropout: its masks come from the global RNG, which the loader once drew its workers' seed
+# from when its iterator was rebuilt after a restore, so every loss after the resume point differed.
+DROPOUT = ("--set", "model.dropout=0.1")
+
+
+def test_sigkill_resume_with_streaming_and_dropout_reads_the_uninterrupted_batches_and_masks(tmp_path):
+    straight, run = _killed_and_resumed(tmp_path, 60, 20, *DROPOUT)
+    rows = _rows(straight)
+    assert sorted(rows) == list(range(1, 61)) and _rows(run) == rows  # every step's loss, before and after the kill
     # The data order matters to the losses: a run that restarts its order at 0 reads other batches.
     restarted = tmp_path / "restarted"
-    subprocess.run(_train_cmd(restarted, 20), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(_train_cmd(restarted, 20, *DROPOUT), cwd=ROOT, check=True, capture_output=True, timeout=300)
     state = checkpoint.load(checkpoint.list_checkpoints(restarted)[-1])
     state["data"]["position"] = 0
     checkpoint.save(state, checkpoint.checkpoint_path(restarted, 20))
-    subprocess.run(_train_cmd(restarted, 30, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(_train_cmd(restarted, 30, *DROPOUT, "--resume", "auto"), cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert _rows(restarted)[21]["teacher_loss"] != _rows(straight)[21]["teacher_loss"]
 
 
@@ -296,21 +435,3 @@ def test_two_gloo_ranks_streaming_equal_one_process(tmp_path):
     assert sa["data"] == sb["data"] == {"position": 16, "size": 12, "skipped": 0}
     for key, value in sa["nets"]["teacher"].items():
         torch.testing.assert_close(sb["nets"]["teacher"][key], value, rtol=1e-4, atol=1e-6)
-
-
-@on_gpu
-def test_a_captured_graph_reads_each_batch_advance_copies_in():
-    """step.mode=graph's contract on a GPU: the graph, captured once, sees every later batch that
-    advance() copies (non-blocking, from pinned memory) into the device buffers."""
-    want = _take(_source(FIX / "cond-rgb16.zip", batch=4, conditional=True), 4)
-    source = _source(FIX / "cond-rgb16.zip", batch=4, conditional=True, device=torch.device("cuda"))
-    source.advance()
-    images, labels = source.draw(4, None, SINGLE)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sums, label_copy = images.float().sum((1, 2, 3)), labels + 0  # integers: exact in float32
-    for step in range(4):
-        if step:
-            source.advance()
-        graph.replay()
-        assert torch.equal(sums.cpu(), want[step][0].float().sum((1, 2, 3))) and torch.equal(label_copy.cpu(), want[step][1])

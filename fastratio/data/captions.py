@@ -43,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import state_count
 from ..errors import UserError
 from ..shard import Shard
 from .formats import MAX_MEMBER_BYTES, _decode_array, dataset_path, open_image
 from .order import EpochOrder, ShardedBatches
-from .stream import _REFERENCE_SEED, _iterate, count_skipped, first_readable, next_batch
+from .stream import _REFERENCE_SEED, _iterate, count_skipped, first_readable, make_loader, next_batch
 
 MAX_PROMPTS = 50_000_000  # lines in one prompt file (the index: 12 bytes a prompt, 600 MB at the limit)
 MAX_PROMPT_BYTES = 65_536  # one prompt line or caption member; CLIP reads 77 tokens, a few hundred bytes
@@ -420,16 +421,9 @@ class CaptionSource:
     def __len__(self) -> int:
         return len(self.index)
 
-    def _loader(self, batch_sampler, persistent: bool) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(
-            self._samples, batch_sampler=batch_sampler, num_workers=self.workers,
-            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=persistent and self.workers > 0,
-            timeout=self.timeout_s if self.workers else 0,
-            # Without a generator each iterator draws its workers' base seed from the global torch RNG;
-            # a resumed run builds its iterator at another point of that stream than an uninterrupted
-            # one, so every later draw from it (dropout masks in the step) would differ.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+    def _loader(self, batch_sampler, position: int, persistent: bool) -> torch.utils.data.DataLoader:
+        return make_loader(self._samples, batch_sampler, seed=self.seed, position=position, workers=self.workers,
+                           prefetch=self.prefetch, timeout_s=self.timeout_s, persistent=persistent)
 
     def _next(self, batches) -> tuple[torch.Tensor, list[str]]:
         arrays, captions, notes = next_batch(batches)
@@ -441,7 +435,7 @@ class CaptionSource:
         latents [n, C, h, w] (None for prompts), and the n captions after caption dropout."""
         if self._batches is None:
             sampler = ShardedBatches(self.order, self.global_batch, self.shard, self.position)
-            self._batches = iter(sampler) if self._samples is None else _iterate(self._loader(sampler, persistent=True))
+            self._batches = iter(sampler) if self._samples is None else _iterate(self._loader(sampler, self.position, persistent=True))
         if self._samples is None:
             arrays, captions = None, self.index.read(next(self._batches))
         else:
@@ -458,7 +452,7 @@ class CaptionSource:
         if self._samples is None:
             return None, self.index.read(items)
         chunk = max(1, min(256, count))
-        batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], persistent=False))
+        batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], 0, persistent=False))
         arrays, captions = zip(*(self._next(batches) for _ in range(0, count, chunk)), strict=True)
         return torch.cat(arrays), [c for part in captions for c in part]
 
@@ -468,11 +462,8 @@ class CaptionSource:
     def load_state(self, state: dict, source: str) -> None:
         if not isinstance(state, dict) or "position" not in state or "size" not in state:
             raise UserError(f"{source}: the checkpoint has no caption-stream position and size")
-        for field in ("position", "size", "skipped"):
-            value = state.get(field, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{source}: data {field} {value!r} is not a non-negative integer")
-        if state["size"] != len(self.index):
-            raise UserError(f"{source}: the checkpoint read a set of {state['size']} samples, data.path has {len(self.index)}; "
+        position, size, skipped = (state_count(state.get(name, 0), f"data {name}", source) for name in ("position", "size", "skipped"))
+        if size != len(self.index):
+            raise UserError(f"{source}: the checkpoint read a set of {size} samples, data.path has {len(self.index)}; "
                             "its order cannot be continued")
-        self.position, self.skipped, self._batches = state["position"], state.get("skipped", 0), None
+        self.position, self.skipped, self._batches = position, skipped, None

@@ -40,6 +40,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a label beyond this is a corrupt file, not a class
 MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: refuse decompression bombs before decoding
 MAX_MEMBER_BYTES = 1 << 30  # one archive member (a CIFAR-10 batch is 31 MB, an image a few MB)
+_READ_CHUNK = 1 << 26  # bytes read at once where a header's claim is not yet backed by data
 DATASET_KINDS = ("cifar10", "folder", "idx", "npz", "digits")
 _WHERE = {
     "cifar10": "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and set data.path to it",
@@ -63,20 +64,33 @@ class ImageData:
         return tuple(self.images.shape[1:])
 
 
+def check_labels(labels: np.ndarray, count: int, source: str) -> tuple[np.ndarray, int]:
+    """(labels as int64, the class count): one integer class index in [0, MAX_CLASSES) for each of
+    ``count`` items. The memory source (``_finish``) and the stream source both refuse labels through
+    this one check. An object array of Python ints (dataset.json's, which may exceed int64) is bounded
+    before it is converted."""
+    labels = np.asarray(labels)
+    if labels.shape != (count,):
+        raise UserError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for {count} images")
+    exact = labels.dtype == object and all(type(v) is int for v in labels.tolist())
+    if not (np.issubdtype(labels.dtype, np.integer) or exact):
+        raise UserError(f"{source}: labels must be non-negative integers (got {labels.dtype})")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise UserError(f"{source}: labels must be non-negative integers (got {labels.dtype if not exact else 'int'}, min {low})")
+    if high >= MAX_CLASSES:
+        raise UserError(f"{source}: label {high} implies {high + 1} classes; at most {MAX_CLASSES} are supported")
+    return labels.astype(np.int64), high + 1
+
+
 def _finish(images: np.ndarray, labels: np.ndarray | None, source: str) -> ImageData:
     if images.shape[0] == 0:
         raise UserError(f"{source}: dataset is empty")
     images_t = torch.from_numpy(np.array(images, order="C"))  # a writable copy (IDX arrays are read-only views)
     if labels is None:
         return ImageData(images_t, None, 0, source)
-    labels = np.asarray(labels)
-    if labels.shape != (images.shape[0],):
-        raise UserError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images")
-    if not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise UserError(f"{source}: labels must be non-negative integers (got {labels.dtype}, min {labels.min()})")
-    if labels.max() >= MAX_CLASSES:
-        raise UserError(f"{source}: label {labels.max()} implies {labels.max() + 1} classes; at most {MAX_CLASSES} are supported")
-    return ImageData(images_t, torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1, source)
+    labels, classes = check_labels(labels, images.shape[0], source)
+    return ImageData(images_t, torch.from_numpy(labels), classes, source)
 
 
 # -- CIFAR-10 -------------------------------------------------------------------------------------
@@ -185,7 +199,7 @@ def _folder_labels(meta: bytes | None, names: list[str], source: str) -> np.ndar
     labels = [table[n] for n in names]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         raise UserError(f"{source}/dataset.json: labels must be integer class indices")
-    return np.asarray(labels, dtype=np.int64)
+    return np.array(labels, dtype=object)  # JSON ints are unbounded (2**70): check_labels bounds them before int64
 
 
 def _read_file(path: Path) -> bytes:
@@ -204,8 +218,9 @@ def _check_member(info: zipfile.ZipInfo, path: Path) -> None:
         raise UserError(f"{path}/{name}: encrypted zip member")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise UserError(f"{path}/{name}: zip compression method {info.compress_type} is not stored or deflate")
-    if info.file_size > MAX_MEMBER_BYTES:
-        raise UserError(f"{path}/{name}: claims {info.file_size} bytes uncompressed")
+    if max(info.file_size, info.compress_size) > MAX_MEMBER_BYTES:
+        raise UserError(f"{path}/{name}: claims {max(info.file_size, info.compress_size)} bytes "
+                        f"{'uncompressed' if info.file_size > MAX_MEMBER_BYTES else 'compressed'}")
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
@@ -226,20 +241,26 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+_ARRAY_DTYPES = ("uint8", "float16", "float32", "float64")  # what torch holds: no float128, no complex
+
+
 def _decode_array(raw: bytes, name: str) -> np.ndarray:
     """A ``.npy`` member (EDM2's latent datasets: one float32 [C, H, W] array per image), read as
-    data: ``allow_pickle=False``, and the header must describe exactly the bytes stored."""
+    data: ``allow_pickle=False``, and the header must describe exactly the bytes stored. Every source
+    (memory, stream, latent-caption shards) decodes through here, so they read or refuse alike: a
+    big-endian array comes back in native order (torch holds no other), and a dtype torch has no
+    counterpart for (float128) or an empty array is refused from its header."""
     try:
         f = io.BytesIO(raw)
         shape, dtype = _read_npy_header(f)
         if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(raw) - f.tell():
             raise ValueError(f"header says {shape} {dtype}, {len(raw) - f.tell()} bytes stored")
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - numpy raises many types for bad files
         raise UserError(f"{name}: cannot read .npy array ({type(err).__name__}: {str(err)[:80]})") from None
-    if arr.ndim != 3 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.uint8):
-        raise UserError(f"{name}: expected a [C, H, W] float or uint8 array, got {arr.dtype} {arr.shape}")
-    return np.ascontiguousarray(arr)
+    if len(shape) != 3 or dtype.newbyteorder("=").name not in _ARRAY_DTYPES or 0 in shape:
+        raise UserError(f"{name}: expected a [C, H, W] array of {', '.join(_ARRAY_DTYPES)} with no empty axis, got {dtype.name} {shape}")
+    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    return np.ascontiguousarray(arr, dtype=dtype.newbyteorder("="))
 
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we do not need, name and extra lengths
@@ -282,13 +303,19 @@ class Archive:
         if max_items:
             chosen = chosen[:max_items]
             labels = None if labels is None else labels[:max_items]
-        self.labels = labels
         self.names = np.array([n.encode() for n in chosen])
         self.arrays = bool(arrays)
+        # dataset.json's labels, checked as the memory source checks them (formats._finish).
+        self.labels, self.num_classes = check_labels(labels, len(chosen), str(path)) if labels is not None else (None, 0)
         if self.is_zip:
             zinfo = [infos[n] for n in chosen]
+            size = path.stat().st_size
             for info in zinfo:
                 _check_member(info, path)
+                # Reads allocate what the directory claims: it must lie inside the file (a zip64 field can claim 2**40).
+                if info.header_offset + _LOCAL_HEADER.size + info.compress_size > size:
+                    raise UserError(f"{path}/{info.filename}: the zip directory places {info.compress_size} bytes at offset "
+                                    f"{info.header_offset}, past the file's {size} bytes (corrupt or hostile zip)")
             self._offset = np.array([i.header_offset for i in zinfo], dtype=np.int64)
             self._stored = np.array([i.compress_size for i in zinfo], dtype=np.int64)
             self._size = np.array([i.file_size for i in zinfo], dtype=np.int64)
@@ -379,7 +406,12 @@ def read_idx(path: Path) -> np.ndarray:
             size = math.prod(dims)
             if len(raw_dims) < 4 * rank or size > MAX_MEMBER_BYTES * 16:
                 raise UserError(f"{path}: IDX header claims {dims}, more than any image set here")
-            raw = f.read(size)
+            # read(n) allocates n bytes before reading: a header's claim costs memory only as data arrives.
+            parts, left = [], size
+            while left and (part := f.read(min(left, _READ_CHUNK))):
+                parts.append(part)
+                left -= len(part)
+            raw = b"".join(parts)
             extra = len(f.read(1))
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:80]})") from None
@@ -398,26 +430,31 @@ def load_idx(path: Path) -> ImageData:
 
 
 # -- npz / digits ---------------------------------------------------------------------------------
-def _check_npy_header(path: Path) -> None:
-    """The images array's header must describe exactly the bytes stored (a crafted header claiming
-    10^12 elements would otherwise be an allocation failure)."""
+def check_npz_headers(path: Path, names: tuple[str, ...], max_bytes: int = 0) -> None:
+    """Each named array's header in the .npz must describe exactly the bytes stored, and with
+    ``max_bytes`` claim no more: numpy allocates what a header claims before reading (a crafted header
+    claiming 10^12 elements would otherwise be an allocation failure, and a deflated member can back a
+    large claim with a small file). A name that is absent is left to the caller's own error."""
     try:
         with zipfile.ZipFile(path) as archive:
-            if "images.npy" not in archive.namelist():
-                return  # named in load_npz's own error
-            info = archive.getinfo("images.npy")
-            with archive.open(info) as f:
-                shape, dtype = _read_npy_header(f)
-                header = f.tell() if f.seekable() else None
+            for name in names:
+                if f"{name}.npy" not in archive.namelist():
+                    continue
+                info = archive.getinfo(f"{name}.npy")
+                with archive.open(info) as f:
+                    shape, dtype = _read_npy_header(f)
+                    header = f.tell() if f.seekable() else None
+                need = math.prod(shape) * dtype.itemsize
+                if header is not None and need != info.file_size - header:
+                    raise UserError(f"{path}: {name} header says {shape} {dtype} ({need} bytes) but {info.file_size - header} are stored")
+                if max_bytes and need > max_bytes:
+                    raise UserError(f"{path}: {name} header says {shape} {dtype} ({need} bytes), above the {max_bytes} this file may hold")
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"{path}: not a readable .npz ({type(err).__name__}: {str(err)[:80]})") from None
-    need = math.prod(shape) * dtype.itemsize
-    if header is not None and need != info.file_size - header:
-        raise UserError(f"{path}: images header says {shape} {dtype} ({need} bytes) but {info.file_size - header} are stored")
 
 
 def load_npz(path: Path) -> ImageData:
-    _check_npy_header(path)
+    check_npz_headers(path, ("images", "labels"))
     try:
         with np.load(path, allow_pickle=False) as f:
             images = f["images"]

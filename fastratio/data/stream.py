@@ -13,7 +13,9 @@ host holds the index (member names and labels) and a few batches in flight, what
                augmentation and noise still drawn inside the graph.
 
 The position (global samples consumed) is saved with every checkpoint; a resumed run rebuilds the
-loader there and reads exactly the batches an uninterrupted run would have.
+loader there and reads exactly the batches an uninterrupted run would have. Building a loader draws
+nothing from the global torch RNG, which the step's dropout reads (``make_loader``), so a resumed run
+also draws the uninterrupted run's dropout masks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from ..checkpoint import state_count
 from ..errors import UserError
 from ..shard import Shard
 from .formats import Archive, dataset_path
@@ -95,6 +98,33 @@ def loader_failure(err: BaseException) -> UserError | None:
     return None
 
 
+_LOADER_WORD = 2  # SeedSequence([seed, position, 2]): apart from EpochOrder's [seed, epoch] and caption dropout's [.., 1]
+
+
+def _ignore_stop_signals(_worker: int) -> None:
+    """A worker's start: Ctrl-C and a scheduler's SIGTERM reach the whole process group, and a worker
+    that died of them would turn the trainer's clean stop (a checkpoint, then exit) into a dead-worker
+    error. The trainer alone handles them, and shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_sampler, *, seed: int, position: int, workers: int, prefetch: int,
+                timeout_s: float, persistent: bool, pin: bool = False) -> torch.utils.data.DataLoader:
+    """The DataLoader of both streaming sources. Its ``generator`` is seeded from (seed, position): each
+    iterator draws its workers' base seed from it, where without one torch draws from the global RNG, the
+    stream of the step's dropout: a run resumed at a checkpoint rebuilds its iterator at another point of
+    that stream than an uninterrupted run, and every later dropout mask would differ."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, position, _LOADER_WORD]).generate_state(1, np.uint64)[0]))
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+        prefetch_factor=prefetch if workers else None, persistent_workers=persistent and workers > 0,
+        timeout=timeout_s if workers else 0, generator=generator, worker_init_fn=_ignore_stop_signals if workers else None,
+    )
+
+
 def _iterate(loader: torch.utils.data.DataLoader):
     """``iter(loader)`` without torch's SIGCHLD handler. That handler raises a worker's death as a
     RuntimeError in whatever the main thread is doing when the signal lands (writing a checkpoint,
@@ -145,7 +175,8 @@ class StreamSource:
         self.shape, self.dtype = tuple(first.shape), first.dtype
         if conditional and self.archive.labels is None:
             raise UserError(f"data.conditional: {path} has no labels (dataset.json 'labels' is missing or null)")
-        self.num_classes = int(self.archive.labels.max()) + 1 if conditional else 0
+        # Archive checked the labels with formats.check_labels, the memory source's check: both refuse alike.
+        self.num_classes = self.archive.num_classes if conditional else 0
         self.global_batch, self.shard, self.device = global_batch, shard, device
         self.workers, self.prefetch, self.timeout_s, self.skip_corrupt = workers, prefetch, timeout_s, skip_corrupt
         self.order = EpochOrder(len(self.archive), seed)
@@ -159,13 +190,10 @@ class StreamSource:
     def __len__(self) -> int:
         return len(self.archive)
 
-    def _loader(self, batch_sampler, workers: int, persistent: bool) -> torch.utils.data.DataLoader:
-        members = _Members(self.archive, self.shape, self.dtype, self.skip_corrupt)
-        return torch.utils.data.DataLoader(
-            members, batch_sampler=batch_sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=self.prefetch if workers else None, persistent_workers=persistent and workers > 0,
-            timeout=self.timeout_s if workers else 0,
-        )
+    def _loader(self, batch_sampler, position: int, persistent: bool) -> torch.utils.data.DataLoader:
+        return make_loader(_Members(self.archive, self.shape, self.dtype, self.skip_corrupt), batch_sampler, seed=self.order.seed,
+                           position=position, workers=self.workers, prefetch=self.prefetch, timeout_s=self.timeout_s,
+                           persistent=persistent, pin=self.device.type == "cuda")
 
     def _next(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, notes = next_batch(batches)
@@ -176,7 +204,7 @@ class StreamSource:
         """Copy the next global batch's rows for this rank into the device buffers (host side, before the step)."""
         if self._batches is None:
             sampler = ShardedBatches(self.order, self.global_batch, self.shard, self.position)
-            self._batches = _iterate(self._loader(sampler, self.workers, persistent=True))
+            self._batches = _iterate(self._loader(sampler, self.position, persistent=True))
         images, labels = self._next(self._batches)
         self.images.copy_(images, non_blocking=True)
         if self.labels is not None:
@@ -196,7 +224,7 @@ class StreamSource:
         count = min(count, len(self.archive))
         items = EpochOrder(len(self.archive), _REFERENCE_SEED).items(0, count)
         chunk = max(1, min(256, count))
-        batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], self.workers, persistent=False))
+        batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], 0, persistent=False))
         images, labels = zip(*(self._next(batches) for _ in range(0, count, chunk)), strict=True)
         return torch.cat(images), torch.cat(labels) if self.archive.labels is not None else None
 
@@ -204,9 +232,10 @@ class StreamSource:
         return {"position": self.position, "size": len(self.archive), "skipped": self.skipped}
 
     def load_state(self, state: dict, source: str) -> None:
-        if not isinstance(state, dict) or "position" not in state:
-            raise UserError(f"{source}: the checkpoint has no streaming position (written by a data.source=memory run?)")
-        if state["size"] != len(self.archive):
-            raise UserError(f"{source}: the checkpoint read a set of {state['size']} members, data.path has {len(self.archive)}; "
+        if not isinstance(state, dict) or "position" not in state or "size" not in state:
+            raise UserError(f"{source}: the checkpoint has no streaming position and size (written by a data.source=memory run?)")
+        position, size, skipped = (state_count(state.get(name, 0), f"data {name}", source) for name in ("position", "size", "skipped"))
+        if size != len(self.archive):
+            raise UserError(f"{source}: the checkpoint read a set of {size} members, data.path has {len(self.archive)}; "
                             "its order cannot be continued")
-        self.position, self.skipped, self._batches = int(state["position"]), int(state.get("skipped", 0)), None
+        self.position, self.skipped, self._batches = position, skipped, None
