@@ -29,7 +29,10 @@ def _source(path, kind="pairs", batch=4, shard=SINGLE, seed=0, resolution=16, **
 
 
 def _take(source, steps):
-    return [source.advance() for _ in range(steps)]
+    """(data, captions) of ``steps`` batches of a set without text embeddings."""
+    batches = [source.advance() for _ in range(steps)]
+    assert all(b[2] is None for b in batches)
+    return [b[:2] for b in batches]
 
 
 def _webdataset_samples(paths):
@@ -56,7 +59,7 @@ def test_image_shards_read_back_as_diffusers_resize_and_center_crop_of_their_mem
         tf = transforms.Compose([transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
                                  transforms.CenterCrop(resolution)])
         source = _source(IMAGES, batch=9, seed=3, resolution=resolution)
-        pixels, texts = source.advance()
+        pixels, texts, _ = source.advance()
         assert source.shape == (3, resolution, resolution) and not source.latent and pixels.dtype == torch.uint8
         for row, i in enumerate(EpochOrder(9, 3).items(0, 9)):
             raw = samples[i].get("jpg", samples[i].get("png"))
@@ -77,7 +80,8 @@ def test_the_resize_rule_is_torchvision_s_on_odd_sizes():
 def test_latent_shard_reads_its_stored_arrays_as_float32():
     samples = _webdataset_samples([LATENTS])
     source = _source(LATENTS, batch=4, seed=1)
-    latents, texts = source.advance()
+    latents, texts, embeddings = source.advance()
+    assert embeddings is None  # this set holds no KEY.emb.npy
     assert source.latent and source.shape == (4, 8, 8) and latents.dtype == torch.float32
     for row, i in enumerate(EpochOrder(4, 1).items(0, 4)):
         stored = np.load(io.BytesIO(samples[i]["npy"]))
@@ -136,7 +140,7 @@ def test_prompt_files_txt_and_jsonl(tmp_path):
     source = _source(txt, "prompts", batch=3, seed=0, workers=2)  # workers are not used for prompts
     assert len(source) == 3 and source.shape is None and not source.latent
     assert source.index.read([0, 1, 2]) == ["a cat", "un café", "last, without newline"]
-    pixels, texts = source.advance()
+    pixels, texts, _ = source.advance()
     assert pixels is None and sorted(texts) == sorted(["a cat", "un café", "last, without newline"])
     lines = [{"caption": "c", "prompt": "p"}, {"prompt": "p2", "text": "t"}, {"text": "t3", "url": "x"}, None, {"caption": " spaced "}]
     jsonl = tmp_path / "p.jsonl"
@@ -145,7 +149,7 @@ def test_prompt_files_txt_and_jsonl(tmp_path):
     assert source.index.read(range(4)) == ["c", "p2", "t3", " spaced "]
     assert len(_source(jsonl, "prompts", max_items=2)) == 2
     reference = source.reference(3)  # fixed, and never dropped
-    assert reference == _source(jsonl, "prompts", seed=7).reference(3) and reference[0] is None and "" not in reference[1]
+    assert reference == _source(jsonl, "prompts", seed=7).reference(3) and reference[0] is None and reference[2] is None and "" not in reference[1]
 
 
 @pytest.mark.parametrize("name, content, match", [
@@ -292,10 +296,11 @@ def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(monkeypatc
 def test_bad_latent_members_are_one_line_naming_shard_and_key(tmp_path):
     import webdataset as wds
 
-    def shard(name, arrays):
+    def shard(name, arrays, embeddings=()):
         with wds.TarWriter(str(tmp_path / name)) as sink:
             for i, arr in enumerate(arrays):
-                sink.write({"__key__": f"{i:03d}", "npy": arr, "txt": f"caption {i}"})
+                extra = {"emb.npy": embeddings[i]} if i < len(embeddings) and embeddings[i] is not None else {}
+                sink.write({"__key__": f"{i:03d}", "npy": arr, "txt": f"caption {i}", **extra})
         return tmp_path / name
 
     good = np.zeros((4, 8, 8), np.float16)
@@ -310,7 +315,16 @@ def test_bad_latent_members_are_one_line_naming_shard_and_key(tmp_path):
     (tmp_path / "both").mkdir()
     shutil.copy(LATENTS, tmp_path / "both" / "a.tar")
     shutil.copy(IMAGES / "00000.tar", tmp_path / "both" / "b.tar")
-    _refused(r"holds both images \(.*b.tar/000000000.jpg\) and .npy latents \(.*a.tar/000000000.npy\)", _source, tmp_path / "both")
+    _refused(r"holds both images and .npy latents \(.*b.tar/000000000.jpg, .*a.tar/000000000.npy\)", _source, tmp_path / "both")
+    # Precomputed text embeddings: every sample or none, each [tokens, width] of the first's dtype and shape.
+    emb = np.zeros((77, 32), np.float16)
+    _refused(r"holds both samples with and without .emb.npy \(.*part.tar/001.npy, .*part.tar/000.npy\)", _source,
+             shard("part.tar", [good, good], [emb, None]))
+    _refused(r"flat-emb.tar/000.emb.npy: expected a \[tokens, width\]", _source, shard("flat-emb.tar", [good], [np.zeros(8, np.float16)]))
+    _refused(r"int-emb.tar/000.emb.npy: uint8 text embeddings; expected float16 or float32", _source,
+             shard("int-emb.tar", [good], [np.zeros((77, 32), np.uint8)]))
+    _refused(r"wide-emb.tar/001.emb.npy: float16 \(77, 64\) differs from the first sample's float16 \(77, 32\)", _take,
+             _source(shard("wide-emb.tar", [good, good], [emb, np.zeros((77, 64), np.float16)]), batch=2), 1)
 
 
 # -- data.path forms ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ diffusers and reproduces the one-step output; the sample CLI; 2 gloo ranks equal
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -193,7 +194,8 @@ def test_latent_shards_written_through_the_teacher_vae(tmp_path):
     assert latents.latent and list(latents.keys) == list(images.keys)
     vae = load_sd(str(TINY), torch.device("cpu")).vae
     source = CaptionSource(str(out), kind="pairs", resolution=16, global_batch=len(images), shard=SINGLE, seed=0)
-    got, captions = source.reference(len(images))
+    got, captions, embeddings = source.reference(len(images))
+    assert embeddings is None and not latents.embedded
     for i in range(len(images)):
         raw, caption = images.read(i)
         pixels = torch.from_numpy(decode_image(raw, images.member(i), 16))[None].float() / 127.5 - 1
@@ -203,6 +205,52 @@ def test_latent_shards_written_through_the_teacher_vae(tmp_path):
         torch.testing.assert_close(got[j], want, rtol=2e-3, atol=1e-4)  # float16: batched vs single encodes may differ by an ulp
     with pytest.raises(UserError, match="exists"):
         main([str(src), str(out), "--teacher", str(TINY)])
+
+
+def test_text_embeddings_precomputed_with_the_latents_replace_the_text_encoder(tmp_path, monkeypatch):
+    """encode_sd_latents --text-embeddings stores each caption's text-encoder output (KEY.emb.npy, read
+    back by webdataset as one sample with the latents); a run on those shards without data.prompts runs
+    no text encoder per step, and its embeddings are the encoder's (float16), a dropped caption's the
+    empty prompt's."""
+    import numpy as np
+    import webdataset as wds
+
+    from fastratio.networks.sd import TextEncoder, load_sd
+    from fastratio.tasks.text2image import TextToImageTask
+    from fastratio.tools.encode_sd_latents import main
+
+    out = tmp_path / "latents"
+    assert main([str(FIX / "webdataset" / "images"), str(out), "--teacher", str(TINY), "--resolution", "16",
+                 "--no-progress", "--device", "cpu", "--text-embeddings"]) == 0
+    text = load_sd(str(TINY), torch.device("cpu")).text
+    samples = list(wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False))
+    assert samples and all(set(s) >= {"npy", "txt", "emb.npy"} for s in samples)
+    for s in samples:
+        stored = np.load(io.BytesIO(s["emb.npy"]))
+        assert stored.dtype == np.float16 and stored.shape == tuple(text.empty.shape[1:])
+        torch.testing.assert_close(torch.from_numpy(stored).float(), text([s["txt"].decode()])[0].half().float(), rtol=0, atol=0)
+
+    cfg = config.load(None, [*BASE, *METHODS["diffratio"], f"data.path={out}", "data.resolution=16", "data.caption_dropout=0.5",
+                             f"run.out_dir={tmp_path / 'run'}"])
+    task = TextToImageTask(cfg, torch.device("cpu"))
+    calls = []
+    encode = TextEncoder.__call__
+    monkeypatch.setattr(TextEncoder, "__call__", lambda self, prompts: (calls.append(prompts), encode(self, prompts))[1])
+    by_caption = {s["txt"].decode(): torch.from_numpy(np.load(io.BytesIO(s["emb.npy"]))).float() for s in samples}
+    dropped = kept = 0
+    for _ in range(4):
+        position = task.pairs.position
+        task.advance()
+        assert calls == []
+        redo = type(task.pairs)(str(out), kind="pairs", resolution=16, global_batch=4, shard=task.shard, seed=cfg.run.seed,
+                                caption_dropout=0.5)
+        redo.position = position
+        _, batch_captions, _ = redo.advance()
+        for row, caption in enumerate(batch_captions):
+            want = text.empty[0] if caption == "" else by_caption[caption]
+            torch.testing.assert_close(task.text_real[row], want, rtol=0, atol=0)
+            dropped, kept = dropped + (caption == ""), kept + (caption != "")
+    assert dropped and kept and torch.equal(task.text_fake, task.text_real)
 
 
 @pytest.mark.parametrize(("override", "key"), [

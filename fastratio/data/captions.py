@@ -8,7 +8,9 @@
     pairs    WebDataset shards as img2dataset writes them for LAION or COCO: ``KEY.jpg|jpeg|png|webp``
              and ``KEY.txt`` (``KEY.json`` and other members are ignored), or latent shards with
              ``KEY.npy`` (float16/float32 [C, h, w], already multiplied by the VAE's scaling factor,
-             0.18215 for SD v1.5) instead of the image. A key is a member's name up to the first dot
+             0.18215 for SD v1.5) instead of the image, and optionally ``KEY.emb.npy``, the caption's
+             text-encoder output (float16/float32 [77, D]; fastratio.tools.encode_sd_latents
+             --text-embeddings), which then stands in for running the text encoder in training. A key is a member's name up to the first dot
              of its basename, and a sample is a run of consecutive members with one key, as
              ``webdataset`` groups them. ``data.path`` is a folder of ``*.tar`` shards (read in sorted
              order), one ``.tar``, or a numeric brace pattern such as ``shards/{00000..00009}.tar``.
@@ -60,6 +62,8 @@ _STRIP = _SPACE.decode()  # what a .txt prompt or caption loses at either end
 _FIELDS = ("caption", "prompt", "text")  # a .jsonl line's prompt field, in order of preference
 _SUFFIXES = ("jpg", "jpeg", "png", "webp", "npy")  # a sample's data member; its index is the stored code
 _NPY = _SUFFIXES.index("npy")
+_EMBEDDING = "emb.npy"  # a sample's precomputed text embedding
+_EMBEDDING_AXES = "[tokens, width]"
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, suffix)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _TAR_TYPES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "character device",
@@ -209,16 +213,18 @@ def _check_member(info: tarfile.TarInfo, path: Path, size: int) -> None:
 
 
 def _sample(path: Path, key: str, members: dict[str, tuple[int, int]]) -> tuple:
-    """The index row of one key's members: (key, data suffix code, data offset, size, caption offset, size)."""
+    """The index row of one key's members: (key, data suffix code, data offset, size, caption offset, size,
+    text-embedding offset, size: -1 and 0 without one)."""
     found = [s for s in _SUFFIXES if s in members]
     if len(found) != 1 or "txt" not in members:
         what = f"both .{found[0]} and .{found[1]}" if len(found) > 1 else "no caption (.txt)" if found else "no image or .npy"
         raise UserError(f"{path}/{key}: {what}; a sample is one KEY.jpg|jpeg|png|webp|npy and one KEY.txt")
     (at, size), (text_at, text_size) = members[found[0]], members["txt"]
-    if size > MAX_MEMBER_BYTES or text_size > MAX_PROMPT_BYTES:
-        raise UserError(f"{path}/{key}: a {size}-byte .{found[0]} or {text_size}-byte caption is beyond the limits "
-                        f"({MAX_MEMBER_BYTES}, {MAX_PROMPT_BYTES})")
-    return key.encode(), _SUFFIXES.index(found[0]), at, size, text_at, text_size
+    emb_at, emb_size = members.get(_EMBEDDING, (-1, 0))
+    if max(size, emb_size) > MAX_MEMBER_BYTES or text_size > MAX_PROMPT_BYTES:
+        raise UserError(f"{path}/{key}: a {size}-byte .{found[0]}, {emb_size}-byte .{_EMBEDDING} or {text_size}-byte caption "
+                        f"is beyond the limits ({MAX_MEMBER_BYTES}, {MAX_PROMPT_BYTES})")
+    return key.encode(), _SUFFIXES.index(found[0]), at, size, text_at, text_size, emb_at, emb_size
 
 
 def _scan_shard(path: Path, room: int) -> list[tuple]:
@@ -274,20 +280,22 @@ class TarShards:
             if total > MAX_SAMPLES:
                 raise UserError(f"data.path: more than {MAX_SAMPLES:,} samples (at {path}); read fewer shards or a max_items subset")
             if rows:
-                keys, codes, data_at, data_size, text_at, text_size = zip(*rows)
+                keys, codes, data_at, data_size, text_at, text_size, emb_at, emb_size = zip(*rows)
                 columns.append((np.full(len(rows), sid, np.int32), np.array(keys), np.array(codes, np.uint8), np.array(data_at, np.int64),
-                                np.array(data_size, np.int32), np.array(text_at, np.int64), np.array(text_size, np.int32)))
+                                np.array(data_size, np.int32), np.array(text_at, np.int64), np.array(text_size, np.int32),
+                                np.array(emb_at, np.int64), np.array(emb_size, np.int32)))
             if max_items and total >= max_items:
                 break
         if not columns:
             raise UserError(f"data.path: no samples in {paths[0]}{' ...' if len(paths) > 1 else ''}")
-        self.shard, self.keys, self.suffix, self.data_at, self.data_size, self.text_at, self.text_size = (
-            np.concatenate(c) for c in zip(*columns))
-        latent = self.suffix == _NPY
-        if latent.any() and not latent.all():
-            raise UserError(f"data.path: holds both images ({self.member(int(np.argmin(latent)))}) and .npy latents "
-                            f"({self.member(int(np.argmax(latent)))}); a set is one or the other")
-        self.latent = bool(latent[0])
+        (self.shard, self.keys, self.suffix, self.data_at, self.data_size, self.text_at, self.text_size,
+         self.emb_at, self.emb_size) = (np.concatenate(c) for c in zip(*columns))
+        latent, embedded = self.suffix == _NPY, self.emb_at >= 0
+        for mask, what in ((latent, "images and .npy latents"), (embedded, f"samples with and without .{_EMBEDDING}")):
+            if mask.any() and not mask.all():
+                raise UserError(f"data.path: holds both {what} ({self.member(int(np.argmin(mask)))}, "
+                                f"{self.member(int(np.argmax(mask)))}); a set is one or the other")
+        self.latent, self.embedded = bool(latent[0]), bool(embedded[0])
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -297,21 +305,29 @@ class TarShards:
 
     def read(self, i: int) -> tuple[bytes, str]:
         """Sample i's data member and its caption (UTF-8, less surrounding ASCII whitespace)."""
-        try:
-            fd = os.open(self.paths[self.shard[i]], os.O_RDONLY)
-            try:
-                raw = os.pread(fd, int(self.data_size[i]), int(self.data_at[i]))
-                text = os.pread(fd, int(self.text_size[i]), int(self.text_at[i]))
-            finally:
-                os.close(fd)
-        except OSError as err:
-            raise UserError(f"{self.member(i)}: cannot read ({err.strerror})") from None
-        if len(raw) != self.data_size[i] or len(text) != self.text_size[i]:
-            raise UserError(f"{self.member(i)}: the shard ends inside it (changed since the run indexed it?)")
+        raw, text = self._pread(i, (self.data_at[i], self.data_size[i]), (self.text_at[i], self.text_size[i]))
         try:
             return raw, text.decode("utf-8").strip(_STRIP)
         except UnicodeDecodeError:
             raise UserError(f"{self.member(i, 'txt')}: caption is not UTF-8") from None
+
+    def embedding(self, i: int) -> np.ndarray:
+        """Sample i's precomputed text embedding [tokens, width] (a set with ``embedded``)."""
+        (raw,) = self._pread(i, (self.emb_at[i], self.emb_size[i]))
+        return _decode_array(raw, self.member(i, _EMBEDDING), _EMBEDDING_AXES)
+
+    def _pread(self, i: int, *spans: tuple[int, int]) -> list[bytes]:
+        try:
+            fd = os.open(self.paths[self.shard[i]], os.O_RDONLY)
+            try:
+                out = [os.pread(fd, int(size), int(at)) for at, size in spans]
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise UserError(f"{self.member(i)}: cannot read ({err.strerror})") from None
+        if any(len(got) != size for got, (_, size) in zip(out, spans, strict=True)):
+            raise UserError(f"{self.member(i)}: the shard ends inside it (changed since the run indexed it?)")
+        return out
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -341,30 +357,47 @@ def decode_image(raw: bytes, name: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-class _Pairs(torch.utils.data.Dataset):
-    """Sample i as (pixels or float32 latents, caption, note), decoded in a worker; an unreadable
-    sample comes back as zeros and "" with the problem noted (``stream.first_readable``)."""
+def _same_as_first(arr: np.ndarray, first: tuple[tuple[int, ...], np.dtype], name: str) -> np.ndarray:
+    if (arr.shape, arr.dtype) != first:
+        raise UserError(f"{name}: {arr.dtype} {arr.shape} differs from the first sample's {first[1]} {first[0]}")
+    return arr.astype(np.float32)
 
-    def __init__(self, shards: TarShards, resolution: int, shape: tuple[int, ...], stored: np.dtype, skip: bool):
-        self.shards, self.resolution, self.shape, self.stored, self.skip = shards, resolution, shape, stored, skip
+
+class _Pairs(torch.utils.data.Dataset):
+    """Sample i as (pixels or float32 latents, caption, float32 text embedding or an empty tensor, note),
+    decoded in a worker; an unreadable sample comes back as zeros and "" with the problem noted
+    (``stream.first_readable``)."""
+
+    def __init__(self, shards: TarShards, resolution: int, first: tuple, first_text: tuple | None, skip: bool):
+        self.shards, self.resolution, self.first, self.first_text, self.skip = shards, resolution, first, first_text, skip
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _read(self, i: int) -> tuple[np.ndarray, str]:
+    def _read(self, i: int) -> tuple[np.ndarray, str, np.ndarray]:
         raw, caption = self.shards.read(i)
-        if not self.shards.latent:
-            return decode_image(raw, self.shards.member(i), self.resolution), caption
-        arr = _decode_array(raw, self.shards.member(i))
-        if arr.shape != self.shape or arr.dtype != self.stored:
-            raise UserError(f"{self.shards.member(i)}: {arr.dtype} {arr.shape} differs from the first sample's {self.stored} {self.shape}")
-        return arr.astype(np.float32), caption
+        name = self.shards.member(i)
+        if self.shards.latent:
+            value = _same_as_first(_decode_array(raw, name), self.first, name)
+        else:
+            value = decode_image(raw, name, self.resolution)
+        text = np.zeros(0, np.float32)
+        if self.first_text is not None:
+            text = _same_as_first(self.shards.embedding(i), self.first_text, self.shards.member(i, _EMBEDDING))
+        return value, caption, text
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, torch.Tensor, str]:
         value, _, note = first_readable(i, len(self.shards), self.skip, self._read)
         if value is None:
-            return torch.zeros(self.shape, dtype=torch.float32 if self.shards.latent else torch.uint8), "", note
-        return torch.from_numpy(value[0]), value[1], note
+            text = torch.zeros(self.first_text[0] if self.first_text else 0)
+            return torch.zeros(self.first[0], dtype=torch.float32 if self.shards.latent else torch.uint8), "", text, note
+        return torch.from_numpy(value[0]), value[1], torch.from_numpy(value[2]), note
+
+
+def _float_array(arr: np.ndarray, name: str, what: str) -> np.ndarray:
+    if arr.dtype not in (np.float16, np.float32):
+        raise UserError(f"{name}: {arr.dtype} {what}; expected float16 or float32")
+    return arr
 
 
 def dropped(seed: int, start: int, count: int, p: float) -> np.ndarray:
@@ -393,7 +426,7 @@ class CaptionSource:
         self.global_batch, self.shard, self.seed, self.caption_dropout = global_batch, shard, seed, caption_dropout
         self.workers, self.prefetch, self.timeout_s, self.skip_corrupt = workers, prefetch, timeout_s, skip_corrupt
         self._samples: _Pairs | None = None
-        self.latent, self.shape = False, None
+        self.latent, self.shape, self.text_shape = False, None, None
         if kind == "prompts":
             file = dataset_path("prompts", path)
             if not file.is_file() or file.suffix.lower() not in (".txt", ".jsonl"):
@@ -403,15 +436,18 @@ class CaptionSource:
             self.index = TarShards(shard_paths(path), max_items)
             self.latent = self.index.latent
             if self.latent:
-                first = _decode_array(self.index.read(0)[0], self.index.member(0))
-                if first.dtype not in (np.float16, np.float32):
-                    raise UserError(f"{self.index.member(0)}: {first.dtype} latents; expected float16 or float32")
+                first = _float_array(_decode_array(self.index.read(0)[0], self.index.member(0)), self.index.member(0), "latents")
                 self.shape, stored = tuple(first.shape), first.dtype
             else:
                 if resolution <= 0:
                     raise UserError(f"data.resolution: {resolution} is not a positive image size")
                 self.shape, stored = (3, resolution, resolution), np.dtype(np.uint8)
-            self._samples = _Pairs(self.index, resolution, self.shape, stored, skip_corrupt)
+            first_text = None
+            if self.index.embedded:
+                name = self.index.member(0, _EMBEDDING)
+                text = _float_array(self.index.embedding(0), name, "text embeddings")
+                self.text_shape, first_text = tuple(text.shape), (tuple(text.shape), text.dtype)
+            self._samples = _Pairs(self.index, resolution, (self.shape, stored), first_text, skip_corrupt)
         self.order = EpochOrder(len(self.index), seed)
         self.local = ShardedBatches(self.order, global_batch, shard).local
         self.position = 0  # global samples consumed by completed advance() calls
@@ -425,36 +461,38 @@ class CaptionSource:
         return make_loader(self._samples, batch_sampler, seed=self.seed, position=position, workers=self.workers,
                            prefetch=self.prefetch, timeout_s=self.timeout_s, persistent=persistent)
 
-    def _next(self, batches) -> tuple[torch.Tensor, list[str]]:
-        arrays, captions, notes = next_batch(batches)
+    def _next(self, batches) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        arrays, captions, texts, notes = next_batch(batches)
         self.skipped = count_skipped(notes, self.skip_corrupt, self.skipped)
-        return arrays, list(captions)
+        return arrays, list(captions), texts if self.text_shape else None
 
-    def advance(self) -> tuple[torch.Tensor | None, list[str]]:
+    def advance(self) -> tuple[torch.Tensor | None, list[str], torch.Tensor | None]:
         """This rank's rows of the next global batch, on the host: uint8 pixels [n, 3, R, R] or float32
-        latents [n, C, h, w] (None for prompts), and the n captions after caption dropout."""
+        latents [n, C, h, w] (None for prompts), the n captions after caption dropout, and the captions'
+        precomputed text embeddings [n, tokens, width] (None without them; a dropped caption's row is
+        its caption's: the caller replaces the rows of "" captions by the empty prompt's)."""
         if self._batches is None:
             sampler = ShardedBatches(self.order, self.global_batch, self.shard, self.position)
             self._batches = iter(sampler) if self._samples is None else _iterate(self._loader(sampler, self.position, persistent=True))
         if self._samples is None:
-            arrays, captions = None, self.index.read(next(self._batches))
+            arrays, captions, texts = None, self.index.read(next(self._batches)), None
         else:
-            arrays, captions = self._next(self._batches)
+            arrays, captions, texts = self._next(self._batches)
         drop = dropped(self.seed, self.position + self.shard.row_offset(self.local), self.local, self.caption_dropout)
         self.position += self.global_batch
-        return arrays, ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        return arrays, ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)], texts
 
-    def reference(self, count: int) -> tuple[torch.Tensor | None, list[str]]:
+    def reference(self, count: int) -> tuple[torch.Tensor | None, list[str], torch.Tensor | None]:
         """A fixed random subset of ``count`` samples (on the host, no caption dropout): the same
         subset for every run over this set, read once through the workers."""
         count = min(count, len(self.index))
         items = EpochOrder(len(self.index), _REFERENCE_SEED).items(0, count)
         if self._samples is None:
-            return None, self.index.read(items)
+            return None, self.index.read(items), None
         chunk = max(1, min(256, count))
         batches = _iterate(self._loader([items[i : i + chunk].tolist() for i in range(0, count, chunk)], 0, persistent=False))
-        arrays, captions = zip(*(self._next(batches) for _ in range(0, count, chunk)), strict=True)
-        return torch.cat(arrays), [c for part in captions for c in part]
+        arrays, captions, texts = zip(*(self._next(batches) for _ in range(0, count, chunk)), strict=True)
+        return torch.cat(arrays), [c for part in captions for c in part], torch.cat(texts) if self.text_shape else None
 
     def state(self) -> dict:
         return {"position": self.position, "size": len(self.index), "skipped": self.skipped}

@@ -244,9 +244,9 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 _ARRAY_DTYPES = ("uint8", "float16", "float32", "float64")  # what torch holds: no float128, no complex
 
 
-def _decode_array(raw: bytes, name: str) -> np.ndarray:
-    """A ``.npy`` member (EDM2's latent datasets: one float32 [C, H, W] array per image), read as
-    data: ``allow_pickle=False``, and the header must describe exactly the bytes stored. Every source
+def _decode_array(raw: bytes, name: str, axes: str = "[C, H, W]") -> np.ndarray:
+    """A ``.npy`` member (EDM2's latent datasets: one float32 [C, H, W] array per image; ``axes`` names
+    another layout, such as a text embedding's [tokens, width]), read as data: ``allow_pickle=False``, and the header must describe exactly the bytes stored. Every source
     (memory, stream, latent-caption shards) decodes through here, so they read or refuse alike: a
     big-endian array comes back in native order (torch holds no other), and a dtype torch has no
     counterpart for (float128) or an empty array is refused from its header."""
@@ -257,8 +257,8 @@ def _decode_array(raw: bytes, name: str) -> np.ndarray:
             raise ValueError(f"header says {shape} {dtype}, {len(raw) - f.tell()} bytes stored")
     except Exception as err:  # noqa: BLE001 - numpy raises many types for bad files
         raise UserError(f"{name}: cannot read .npy array ({type(err).__name__}: {str(err)[:80]})") from None
-    if len(shape) != 3 or dtype.newbyteorder("=").name not in _ARRAY_DTYPES or 0 in shape:
-        raise UserError(f"{name}: expected a [C, H, W] array of {', '.join(_ARRAY_DTYPES)} with no empty axis, got {dtype.name} {shape}")
+    if len(shape) != axes.count(",") + 1 or dtype.newbyteorder("=").name not in _ARRAY_DTYPES or 0 in shape:
+        raise UserError(f"{name}: expected a {axes} array of {', '.join(_ARRAY_DTYPES)} with no empty axis, got {dtype.name} {shape}")
     arr = np.load(io.BytesIO(raw), allow_pickle=False)
     return np.ascontiguousarray(arr, dtype=dtype.newbyteorder("="))
 

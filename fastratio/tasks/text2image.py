@@ -15,10 +15,12 @@ CLIP text embeddings [B, 77, D] in the conditioning slot where image runs pass o
               score's own encoder, its mean feature the logit, as the Di-Bregman paper (App. D)
 
 Data (fastratio.data.captions): ``data.path`` holds image-caption pairs in WebDataset shards (pixels,
-encoded here by the teacher's VAE, or latents precomputed with it), which the ratio net needs as its
-real side; ``data.prompts`` a prompt file for the generator (without it the generator is prompted with
-the pairs' captions). Host work per step (``advance``): read the batch, encode latents and text, copy
-into fixed device buffers the step (or its CUDA graph) reads.
+encoded here by the teacher's VAE, or latents precomputed with it, and optionally the captions' text
+embeddings precomputed with its text encoder), which the ratio net needs as its real side;
+``data.prompts`` a prompt file for the generator (without it the generator is prompted with the
+pairs' captions: with latents and embeddings precomputed, no VAE or text encoder runs per step). Host
+work per step (``advance``): read the batch, encode what is not precomputed, copy into fixed device
+buffers the step (or its CUDA graph) reads.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class TextToImageTask:
                             f"{d.resolution} takes {self.shape}")
         local = cfg.optim.batch_size // shard.world
         width = self.sd.text.empty.shape[1:]
+        if self.pairs is not None and self.pairs.text_shape is not None and tuple(self.pairs.text_shape) != tuple(width):
+            raise UserError(f"data.path: text embeddings are {tuple(self.pairs.text_shape)}, this teacher's text encoder gives "
+                            f"{tuple(width)}; encode them with this teacher")
         self.x_real = torch.zeros((local, *self.shape), device=device)
         self.text_real = torch.zeros((local, *width), device=device)
         self.text_fake = torch.zeros((local, *width), device=device)
@@ -151,15 +156,23 @@ class TextToImageTask:
         eps = self.shard.take(torch.randn((self.cfg.optim.batch_size, *dist.mean.shape[1:]), generator=g, device=self.device))
         return (dist.mean + dist.std * eps) * vae.config.scaling_factor
 
+    def _text(self, captions: list[str], stored: torch.Tensor | None) -> torch.Tensor:
+        """The captions' embeddings: precomputed ones where the shards hold them (an empty caption, as
+        caption dropout leaves it, takes the empty prompt's), else the text encoder's."""
+        if stored is None:
+            return self.sd.text(captions)
+        empty = torch.tensor([c == "" for c in captions], device=self.device)[:, None, None]
+        return torch.where(empty, self.sd.text.empty, stored.to(self.device, torch.float32))
+
     def advance(self) -> None:
         captions = None
         if self.pairs is not None:
-            data, captions = self.pairs.advance()
+            data, captions, stored = self.pairs.advance()
             latents = data.to(self.device, torch.float32) if self.pairs.latent else self._encode_pixels(data)
             self.x_real.copy_(latents)
-            self.text_real.copy_(self.sd.text(captions))
+            self.text_real.copy_(self._text(captions, stored))
         if self.prompts is not None:
-            _, prompts = self.prompts.advance()
+            _, prompts, _ = self.prompts.advance()
             self.text_fake.copy_(self.sd.text(prompts))
         else:
             self.text_fake.copy_(self.text_real)
@@ -214,7 +227,7 @@ class TextToImageTask:
         fake = self.samples(model, self._eval_prompts(n))
         metrics = {"latent_mean": float(fake.mean()), "latent_std": float(fake.std())}
         if self.pairs is not None:
-            data, _ = self.pairs.reference(n)
+            data, _, _ = self.pairs.reference(n)
             real = data.to(self.device).float() if self.pairs.latent else self._encode_pixels(data, draw=False)
             metrics["latent_mean_gap"] = float((fake.mean(dim=(0, 2, 3)) - real.mean(dim=(0, 2, 3))).abs().mean())
             metrics["latent_std_gap"] = float((fake.std(dim=(0, 2, 3)) - real.std(dim=(0, 2, 3))).abs().mean())
