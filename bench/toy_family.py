@@ -38,7 +38,8 @@ METHODS = {"dijs": ["method.name=diffratio", "method.objective=dijs"], "vsd": ["
 def evaluations(records: list[dict]) -> list[dict]:
     """Each evaluation of a run's metrics.jsonl: step, modes covered, mass TV, energy-distance multiple."""
     return [{"step": r["step"], "modes_covered": r["eval_modes_covered"], "mass_tv": r["eval_mass_tv"],
-             "energy_distance_ratio": r["eval_energy_distance"] / r["eval_energy_distance_true"]}
+             "energy_distance_ratio": r["eval_energy_distance"] / r["eval_energy_distance_true"],
+             "energy_distance_ratio_std": r.get("eval_energy_distance_std", 0.0) / r["eval_energy_distance_true"]}
             for r in records if "eval_energy_distance" in r]
 
 
@@ -59,15 +60,20 @@ def run_cell(mixture: str, method: str, seed: int, extra: list[str], work: Path)
         # A run the divergence guard stopped is a result, not a crash of the benchmark.
         lines = done.stderr.strip().splitlines() or ["no output"]
         return {**row, "failures": [f"run stopped (exit {done.returncode}): {lines[-1]}"]}
-    records = read_jsonl(out / "metrics.jsonl")
+    return {**row, **final_row(read_jsonl(out / "metrics.jsonl"))}
+
+
+def final_row(records: list[dict]) -> dict:
+    """The final evaluation of a run's metrics.jsonl, its verdict and every evaluation."""
     final = records[-1]
     return {
-        **row,
         "step": final["step"],
         "modes_covered": final["eval_modes_covered"], "modes": final["eval_modes"],
         "mass_tv": final["eval_mass_tv"], "mass_tv_exact_sample": final["eval_mass_tv_true"],
-        "energy_distance": final["eval_energy_distance"], "energy_distance_exact_sample": final["eval_energy_distance_true"],
+        "energy_distance": final["eval_energy_distance"], "energy_distance_std": final.get("eval_energy_distance_std"),
+        "energy_distance_exact_sample": final["eval_energy_distance_true"],
         "energy_distance_ratio": final["eval_energy_distance"] / final["eval_energy_distance_true"],
+        "energy_distance_ratio_std": final.get("eval_energy_distance_std", 0.0) / final["eval_energy_distance_true"],
         "high_quality": final["eval_high_quality"],
         "failures": toy.criterion_failures(final),
         "evaluations": evaluations(records),

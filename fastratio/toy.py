@@ -164,9 +164,13 @@ MIXTURES = {"ring8": ring8, "grid25": grid25, "aniso3": aniso3, "spiral6": spira
 FAMILY = ("ring8", "spiral6", "rings25", "grid20", "petals12")
 # The criterion (README, "Measured on the toy suite"): every mode covered, the mass on the modes'
 # basins within this total variation of the true weights, and an energy distance within this
-# multiple of an exact sample's of the same size.
+# multiple of what an exact sample of the same size scores on average (expected_energy_distance;
+# the generator's distance averaged over YARDSTICK_DRAWS draws).
 MASS_TV = 0.1
 ENERGY_DISTANCE_FACTOR = 3.0
+# Independent (generator, reference) draws the generator's energy distance is averaged over (its
+# spread between draws is reported beside it).
+YARDSTICK_DRAWS = 8
 
 
 def criterion_failures(metrics: dict) -> list[str]:
@@ -250,6 +254,18 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Squared energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic, so >= 0)."""
     x, y = x.double(), y.double()
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+def expected_energy_distance(reference: torch.Tensor, n: int) -> float:
+    """What ``energy_distance`` gives on average for two independent exact samples of size ``n``: the
+    yardstick of a generator's distance. For X, Y of n draws each from one law, the V-statistic's
+    diagonal terms are zero, so E[mean |X_i - X_j|] = (n - 1)/n d with d = E|X - X'|, and
+    E[2 mean|X - Y| - mean|X - X'| - mean|Y - Y'|] = 2d - 2(n - 1)/n d = 2d/n. d is estimated by the
+    mean over the reference's distinct pairs (relative error ~0.1% at 2,000 points), where one exact
+    sample's own distance to one reference scatters by a factor of several between draws."""
+    r = reference.double()
+    m = r.shape[0]
+    return float(2 * torch.cdist(r, r).sum() / (m * (m - 1)) / n)
 
 
 def mode_coverage(samples: torch.Tensor, mixture: GaussianMixture, n_std: float = 3.0, min_share: float = 0.2) -> dict:
