@@ -54,7 +54,8 @@ class RunConfig:
     plot_every: int = 1000  # steps between sample plots (0: never)
     ckpt_every: int = 500  # steps between checkpoints; at most this many steps are lost on a crash
     keep_ckpts: int = 3  # checkpoints kept on disk (newest first)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (the status line of each log step is printed either way; docs/logging.md)
+    tensorboard: bool = False  # also write every metrics.jsonl field and the sample grids to <run>/tensorboard/ (pip install -e ".[tensorboard]")
     explode_factor: float = 1e6  # stop when a logged loss or gradient norm exceeds this many times its median so far (0: off)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network forward passes; fp32 master weights and optimizer)
 
@@ -173,7 +174,8 @@ class StepConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 256  # samples per step, real and generated alike
+    batch_size: int = 256  # samples per step, real and generated alike (the global batch, all ranks together)
+    batch_gpu: int = 0  # samples per forward/backward on one GPU (EDM's --batch-gpu): each rank's batch_size / ranks runs as micro-batches of this size whose gradients accumulate (docs/batch.md); 0: all at once
     gen_lr: float = 1e-3  # generator Adam learning rate
     ratio_lr: float = 1e-3  # ratio-network (and fake-score) Adam learning rate
     teacher_lr: float = 1e-3  # toy teacher Adam learning rate
@@ -239,6 +241,7 @@ _NON_NEGATIVE = (
     "data.max_images", "model.dropout", "augment.p", "augment.xflip", "augment.yflip", "augment.scale", "augment.rotate_frac", "augment.aniso",
     "augment.translate_frac", "augment.scale_std", "augment.rotate_frac_max", "augment.aniso_std", "augment.translate_frac_std", "method.r1_gamma", "method.gan_weight", "step.warmup_steps", "eval.fid_samples",
     "data.workers", "data.timeout_s", "optim.lr_rampup_mimg", "optim.ema_std", "data.caption_dropout", "method.cfg_scale",
+    "optim.batch_gpu",
 )
 
 
@@ -366,6 +369,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"method.gan_weight: the GAN term uses the ratio network as discriminator; method.name {cfg.method.name!r} has none")
     if cfg.noise.weighting == "dmd" and cfg.method.name not in ("vsd", "dibregman"):
         raise ConfigError(f"noise.weighting: 'dmd' normalises by the teacher's denoising error; method.name {cfg.method.name!r} reads no teacher")
+    if cfg.optim.batch_gpu and cfg.optim.batch_size % cfg.optim.batch_gpu:
+        raise ConfigError(f"optim.batch_gpu: {cfg.optim.batch_gpu} does not divide optim.batch_size {cfg.optim.batch_size}; "
+                          "pick a divisor of the batch per GPU (docs/batch.md)")
     if cfg.step.mode == "graph" and cfg.step.warmup_steps < 1:
         raise ConfigError("step.warmup_steps: graph mode needs >= 1 compiled step before capture (compilation, lazy allocations)")
     _validate_images(cfg)

@@ -80,23 +80,41 @@ def adam_update(opt: torch.optim.Adam) -> None:
             )
 
 
-def optimizer_step(module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
-    """Backward, clip (0: off) and Adam step; returns the pre-clip gradient norm without a host sync."""
+def accumulate_grad(opt: torch.optim.Adam, loss: torch.Tensor, first: bool) -> None:
+    """Add d loss / d parameters to the ``.grad`` of opt's parameters; ``first`` starts the update's sum
+    (the previous update's gradients are dropped). A micro-batch of an accumulated update calls this
+    once each (fastratio.step.accumulate), an unsplit update once."""
     params = [p for group in opt.param_groups for p in group["params"]]
     if torch.compiler.is_compiling():
         # dynamo's rewrite of loss.backward() hands parameters the loss never reaches (say, the
         # augmentation embedding at zero augmentation) gradients of the wrong shape; autograd.grad
         # with allow_unused gives them None, as backward leaves them in eager.
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-            p.grad = g
+            if first or p.grad is None:
+                p.grad = g
+            elif g is not None:
+                p.grad = p.grad + g
     else:
-        for p in params:
-            p.grad = None
-        loss.backward()  # DDP's gradient all-reduce hooks fire here
+        if first:
+            for p in params:
+                p.grad = None
+        loss.backward()  # DDP's gradient all-reduce hooks fire here (outside no_sync)
+
+
+def apply_grad(module: nn.Module, opt: torch.optim.Adam, grad_clip: float) -> torch.Tensor:
+    """Clip the accumulated gradient (0: off) and take the Adam step; returns the pre-clip gradient norm
+    without a host sync."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     else:  # the norm alone (logged, and watched for divergence): no scale-by-1 pass over every gradient
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=loss.device)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=params[0].device)
     adam_update(opt)
     return norm
+
+
+def optimizer_step(module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """Backward, clip (0: off) and Adam step; returns the pre-clip gradient norm without a host sync."""
+    accumulate_grad(opt, loss, first=True)
+    return apply_grad(module, opt, grad_clip)

@@ -10,11 +10,26 @@ gradients and optimizer state stay fp32.
 Augmentation (``augment.p`` > 0) is applied to what the ratio network, the teacher and the fake score
 are *trained* on, with the augmentation labels as conditioning; the generator update queries them
 at zero augmentation, i.e. on the un-augmented distribution (non-leaky, EDM Appendix B.5).
+
+Gradient accumulation (``optim.batch_gpu``, EDM's ``--batch-gpu``): every update of the step (each
+ratio, fake-score or shared update, the generator update, the stage-1 teacher update) runs its rank's
+rows as K micro-batches of ``batch_gpu`` samples (``accumulate``): a forward and backward per
+micro-batch, the loss scaled by 1/K so the gradients sum to the full batch's, DDP's all-reduce on the
+last micro-batch only (``no_sync`` before it), then one clip and one Adam step on the sum; the EMAs
+update once per step (fastratio.runner). Random numbers are drawn once per update at the full batch's
+shape and each micro-batch takes its rows (fastratio.shard, fastratio.draws), so a split step equals
+the unsplit one up to float rounding. Every objective is a mean of per-sample terms (the classifier's
+is the mean of its real and generated halves, of equal size in each micro-batch; DMD's normalisation
+is per sample), so the 1/K-weighted micro-batch means are the batch means; the logged metrics are the
+same weighted sums. Not reproduced: dropout masks (``model.dropout``), which a network draws from the
+device's default generator per forward. The loop is Python unrolled into the compiled step and into
+the captured CUDA graph; nothing in it reads the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +41,12 @@ from .augment import augment
 from .config import Config
 from .draws import Draws
 from .noise import add_noise, expand, loss_weight, noise_coefficients, sample_sigma, teacher_sigma
-from .optim import optimizer_step
+from .optim import accumulate_grad, apply_grad, optimizer_step
 from .shard import SINGLE, Shard
+
+# An update's objective on one micro-batch: (its shard, its rows of the inputs) -> (loss, metrics),
+# the loss and every metric a mean over the micro-batch's samples.
+Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -88,6 +107,48 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None else torch.cat([a, b])
 
 
+def micro_batches(cfg: Config, n_local: int) -> int:
+    """Micro-batches per update for a rank's n_local rows: n_local / optim.batch_gpu (1 when unset or
+    not smaller)."""
+    size = cfg.optim.batch_gpu
+    if not size or size >= n_local:
+        return 1
+    if n_local % size:
+        raise ValueError(f"optim.batch_gpu: {size} does not divide the {n_local} rows of this rank's update")
+    return n_local // size
+
+
+def _no_sync(module: nn.Module):
+    """DDP's no_sync (gradients accumulate locally, no all-reduce) for a wrapped network, else nothing."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def accumulate(objective: Objective, inputs: tuple, micros: int, shard: Shard, draws: Draws, opt: torch.optim.Optimizer,
+               module: nn.Module, wrapper: nn.Module, grad_clip: float, norm_key: str) -> dict[str, torch.Tensor]:
+    """One update of ``module`` (forwards through ``wrapper``, its DDP wrapper or itself) by ``opt``:
+    ``objective(shard, *inputs)`` on the rank's rows, or on each of ``micros`` micro-batches with the
+    gradients summed (module docstring); returns the metrics (batch means) and the pre-clip gradient
+    norm under ``norm_key``. ``inputs``: per-rank tensors [n_local, ...] or None."""
+    if micros == 1:
+        loss, metrics = objective(shard, *inputs)
+        return {**metrics, norm_key: optimizer_step(module, opt, loss, grad_clip)}
+    totals: dict[str, torch.Tensor] = {}
+    kept = draws.keep_served()  # the first micro-batch draws at the full batch's shapes ...
+    for k in range(micros):
+        if k > 0:
+            draws.serve_again(kept)  # ... the later ones read the same tensors, each taking its rows
+        part = shard.micro_batch(k, micros)
+        with _no_sync(wrapper) if k < micros - 1 else contextlib.nullcontext():
+            loss, metrics = objective(part, *(part.local(t) for t in inputs))
+            accumulate_grad(opt, loss / micros, first=k == 0)
+        for key, value in metrics.items():
+            totals[key] = value / micros if k == 0 else totals[key] + value / micros
+    draws.serve_normally()
+    return {**totals, norm_key: apply_grad(module, opt, grad_clip)}
+
+
 def dsm_update(
     score_net: nn.Module, opt: torch.optim.Optimizer, x0: torch.Tensor, cfg: Config, draws: Draws,
     labels: torch.Tensor | None = None, shard: Shard = SINGLE,
@@ -114,16 +175,17 @@ def dsm_objective(score_net: nn.Module, x0: torch.Tensor, cfg: Config, draws: Dr
 
 class TeacherStep:
     """Stage 1 for images: one denoiser update on a real batch (loss ``teacher.loss``: EDM Eq. 2, or
-    EDM2 Eq. 21 with the network's learned uncertainty).
+    EDM2 Eq. 21 with the network's learned uncertainty), in micro-batches of ``optim.batch_gpu``.
     Same call signature as ``TrainStep``; the latents are unused."""
 
     def __init__(self, cfg: Config, nets: Networks, optimizers: dict[str, torch.optim.Optimizer], draws: Draws,
                  shard: Shard = SINGLE, wrapped: dict[str, nn.Module] | None = None):
         self.cfg, self.opt, self.draws, self.shard = cfg, optimizers["teacher"], draws, shard
+        self.module = nets.teacher
         self.denoiser = (wrapped or {}).get("teacher", nets.teacher)
 
-    def __call__(self, x_real, z=None, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
-        cfg, shard = self.cfg, self.shard
+    def _objective(self, shard: Shard, x_real: torch.Tensor, labels_real: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
         x, aug = maybe_augment(x_real, cfg, self.draws, shard)
         n = shard.rows(x.shape[0])
         sigma, weight = (shard.take(t) for t in teacher_sigma(cfg.teacher.loss, n, self.draws, x.device, cfg.model.sigma_data,
@@ -139,7 +201,11 @@ class TeacherStep:
             loss = objectives.uncertainty_loss(denoised.float(), x, weight, logvar.float()).mean()
         else:
             loss = objectives.denoiser_loss(denoised.float(), x, weight).mean()
-        return {"teacher_loss": loss.detach(), "teacher_grad_norm": optimizer_step(self.denoiser, self.opt, loss, cfg.optim.grad_clip)}
+        return loss, {"teacher_loss": loss.detach()}
+
+    def __call__(self, x_real, z=None, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
+        return accumulate(self._objective, (x_real, labels_real), micro_batches(self.cfg, x_real.shape[0]), self.shard, self.draws,
+                          self.opt, self.module, self.denoiser, self.cfg.optim.grad_clip, "teacher_grad_norm")
 
 
 class TrainStep:
@@ -159,10 +225,11 @@ class TrainStep:
     def _autocast(self):
         return autocast(self.cfg, self.device)
 
-    def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _noised(self, x0: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, sigma) for the ratio and generator updates, which never need eps itself."""
-        sigma = draw_sigma(self.cfg, x0, self.draws, self.shard)
-        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.draws, self.triton, self.shard), sigma
+        shard = self.shard if shard is None else shard
+        sigma = draw_sigma(self.cfg, x0, self.draws, shard)
+        return ops.inject_noise(x0, sigma, self.cfg.noise.schedule, self.draws, self.triton, shard), sigma
 
     def _weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return loss_weight(sigma, self.cfg.noise.weighting, self.cfg.model.sigma_data)
@@ -170,19 +237,24 @@ class TrainStep:
     def _apply(self, name: str, module: nn.Module, loss: torch.Tensor) -> torch.Tensor:
         return optimizer_step(module, self.opt[name], loss, self.cfg.optim.grad_clip)
 
+    def _update(self, name: str, objective: Objective, norm_key: str, *inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One update of network ``name`` by ``objective``, in micro-batches of optim.batch_gpu (``accumulate``)."""
+        micros = micro_batches(self.cfg, inputs[0].shape[0])
+        return accumulate(objective, inputs, micros, self.shard, self.draws, self.opt[name], getattr(self.nets, name),
+                          self.wrapped[name], self.cfg.optim.grad_clip, norm_key)
+
     # -- auxiliary updates -----------------------------------------------------------------------
     def ratio_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         """Classifier step, real y=1 vs generated y=0, each noised at its own sigma."""
-        loss, metrics = self._ratio_objective(x_real, x_fake, labels_real, labels_fake)
-        return {**metrics, "ratio_grad_norm": self._apply("ratio", self.nets.ratio, loss)}
+        return self._update("ratio", self._ratio_objective, "ratio_grad_norm", x_real, x_fake, labels_real, labels_fake)
 
-    def _ratio_objective(self, x_real, x_fake, labels_real=None, labels_fake=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _ratio_objective(self, shard: Shard, x_real, x_fake, labels_real=None, labels_fake=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The classifier's loss (with R1 when configured) and its metrics; both halves go through one
         forward (one DDP reduction, one launch per layer)."""
-        x_real, aug_real = maybe_augment(x_real, self.cfg, self.draws, self.shard)
-        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.draws, self.shard)
-        xt_real, sigma_real = self._noised(x_real)
-        xt_fake, sigma_fake = self._noised(x_fake)
+        x_real, aug_real = maybe_augment(x_real, self.cfg, self.draws, shard)
+        x_fake, aug_fake = maybe_augment(x_fake, self.cfg, self.draws, shard)
+        xt_real, sigma_real = self._noised(x_real, shard)
+        xt_fake, sigma_fake = self._noised(x_fake, shard)
         gamma = self.cfg.method.r1_gamma
         if gamma > 0:
             xt_real = xt_real.detach().requires_grad_(True)
@@ -208,18 +280,23 @@ class TrainStep:
 
     def fake_score_update(self, x_fake: torch.Tensor, labels_fake=None) -> dict[str, torch.Tensor]:
         """Denoising score matching of the generator's samples (the VSD 'fake' score, Eq. 4)."""
-        loss, norm = dsm_update(self.wrapped["fake_score"], self.opt["fake_score"], x_fake, self.cfg, self.draws, labels_fake, self.shard)
-        return {"fake_dsm_loss": loss, "fake_grad_norm": norm}
+        return self._update("fake_score", self._fake_score_objective, "fake_grad_norm", x_fake, labels_fake)
+
+    def _fake_score_objective(self, shard: Shard, x_fake, labels_fake=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = dsm_objective(self.wrapped["fake_score"], x_fake, self.cfg, self.draws, labels_fake, shard)
+        return loss, {"fake_dsm_loss": loss.detach()}
 
     def shared_update(self, x_real, x_fake, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         """``model.shared_encoder``: the ratio is a read-out of the fake score's encoder, so one update of
         the fake score minimises its score-matching loss plus the classifier's (Di-Bregman App. D, after
         SiDA: "the discriminator is built upon the auxiliary model encoder"). The classifier's forward
         goes through the bare encoder; the fake score's DDP wrapper reduces the summed gradient once."""
-        dsm = dsm_objective(self.wrapped["fake_score"], x_fake, self.cfg, self.draws, labels_fake, self.shard)
-        classifier, metrics = self._ratio_objective(x_real, x_fake, labels_real, labels_fake)
-        norm = self._apply("fake_score", self.nets.fake_score, dsm + classifier)
-        return {**metrics, "fake_dsm_loss": dsm.detach(), "fake_grad_norm": norm}
+        return self._update("fake_score", self._shared_objective, "fake_grad_norm", x_real, x_fake, labels_real, labels_fake)
+
+    def _shared_objective(self, shard: Shard, x_real, x_fake, labels_real=None, labels_fake=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dsm = dsm_objective(self.wrapped["fake_score"], x_fake, self.cfg, self.draws, labels_fake, shard)
+        classifier, metrics = self._ratio_objective(shard, x_real, x_fake, labels_real, labels_fake)
+        return dsm + classifier, {**metrics, "fake_dsm_loss": dsm.detach()}
 
     # -- generator -------------------------------------------------------------------------------
     def _ratio_logit_grad(self, x_t, sigma, w, labels=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -272,9 +349,12 @@ class TrainStep:
            with respect to the generator equals that of <sg(g), x_t> (dx_t/dx0 = alpha; eps is free of
            the generator). The fused kernel takes exactly (x0, dl/dx_t, l, w, alpha).
         The random draws (sigma, noise) come in the same order as before this ordering: the
-        generator's forward draws nothing."""
+        generator's forward draws nothing. Both halves run per micro-batch (``accumulate``)."""
+        return self._update("generator", self._generator_objective, "gen_grad_norm", z, x_fake, labels)
+
+    def _generator_objective(self, shard: Shard, z: torch.Tensor, x_fake: torch.Tensor, labels=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg.method
-        x_t, sigma = self._noised(x_fake)
+        x_t, sigma = self._noised(x_fake, shard)
         alpha, _ = noise_coefficients(sigma, self.cfg.noise.schedule)
         # The fused surrogate kernel knows one weight per objective; the GAN term takes the unfused path.
         fused = self.triton and self.method == "diffratio" and cfg.gan_weight == 0
@@ -294,18 +374,23 @@ class TrainStep:
             per_sample = generator_surrogate(x0, grad_logit, logit, w, alpha, cfg.objective, cfg.sba_lambda)
         else:
             per_sample = objectives.surrogate_loss(direction, x0)
-        metrics["gen_grad_norm"] = self._apply("generator", self.nets.generator, per_sample.mean())
-        return metrics
+        return per_sample.mean(), metrics
 
     def __call__(self, x_real, z, labels_real=None, labels_fake=None) -> dict[str, torch.Tensor]:
         """Auxiliary updates on this step's generator sample, then the generator update. The sample is
         a no-grad forward drawn once (the generator does not change during the auxiliary updates);
         the generator update runs its own forward with grad after all auxiliary work. Reusing one
         forward with grad instead would keep the generator's graph alive under the auxiliary updates,
-        their activations on top of its own (bench/step_cost.py; README, speed section)."""
+        their activations on top of its own (bench/step_cost.py; README, speed section). With
+        optim.batch_gpu the sample is drawn in micro-batches too, so no forward runs at more rows."""
         metrics: dict[str, torch.Tensor] = {}
+        micros = micro_batches(self.cfg, z.shape[0])
         with torch.no_grad(), self._autocast():
-            x_fake = self.nets.generator(z, labels_fake).float()
+            if micros == 1:
+                x_fake = self.nets.generator(z, labels_fake).float()
+            else:
+                parts = [self.shard.micro_batch(k, micros) for k in range(micros)]
+                x_fake = torch.cat([self.nets.generator(part.local(z), part.local(labels_fake)).float() for part in parts])
         ratio_steps = self.cfg.method.ratio_steps if needs_ratio(self.method) else 0
         fake_steps = self.cfg.method.fake_score_steps if needs_scores(self.method) else 0
         for i in range(max(ratio_steps, fake_steps)):

@@ -47,13 +47,13 @@ from tqdm import tqdm
 from . import checkpoint
 from .atomic import atomic_write
 from .data.formats import IMAGE_SUFFIXES, MAX_MEMBER_BYTES, open_image
+from .device import resolve_device
 from .errors import ArgumentParser, UserError, os_error, run_cli
-from .evaluate import feature_function, fid_of_features, read_reference_stats
+from .fid import feature_function, fid_of_features, read_reference_stats
+from .inference import one_step, read_prompts
 from .networks.sd import decode_latents, generator_from_checkpoint
 from .runinfo import environment
 from .runlog import append_line
-from .sample import one_step, read_prompts
-from .train import resolve_device
 
 RESOLUTION = 256  # the COCO-2014 zero-shot protocol's evaluation size
 RESIZE = "center crop to the shorter side, PIL LANCZOS resize"  # recorded with every result

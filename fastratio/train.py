@@ -10,7 +10,6 @@ config, metrics.jsonl, checkpoints (state_dicts only) and sample plots.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from . import checkpoint, distributed
 from . import config as config_mod
 from .checkpoint import state_count
 from .config import Config
+from .device import resolve_device
 from .draws import Draws
 from .ema import EMA, ema_beta
 from .errors import ArgumentParser, UserError, os_error, run_cli
@@ -27,7 +27,7 @@ from .guard import DivergenceWatch, StopRequest
 from .networks.from_denoiser import DenoiserScore
 from .optim import make_adam
 from .runfolder import RunFolder
-from .runlog import JsonlLog, MetricAccumulator, plot_losses, read_jsonl
+from .runlog import Console, JsonlLog, MetricAccumulator, Progress, TensorBoard, plot_losses, read_jsonl
 from .runner import StepRunner
 from .shard import Shard
 from .step import Networks, TeacherStep, TrainStep
@@ -35,14 +35,6 @@ from .tasks import build_task
 from .tasks.toy2d import needs_teacher
 
 _ROLES = ("generator", "ratio", "teacher", "fake_score")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def trained_role(cfg: Config) -> str:
@@ -209,6 +201,11 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     global_batch = cfg.optim.batch_size
     if global_batch % ctx.world:
         raise UserError(f"optim.batch_size: {global_batch} (the global batch) is not divisible by the {ctx.world} ranks")
+    if cfg.run.tensorboard and ctx.is_main:
+        TensorBoard.require(run_dir)  # a missing package stops here, before the run folder changes
+    if cfg.optim.batch_gpu and (global_batch // ctx.world) % cfg.optim.batch_gpu:
+        raise UserError(f"optim.batch_gpu: {cfg.optim.batch_gpu} does not divide the batch per GPU, {global_batch // ctx.world} "
+                        f"(optim.batch_size {global_batch} over {ctx.world} ranks)")
 
     device = ctx.device
     shard = Shard(ctx.rank, ctx.world)
@@ -250,8 +247,6 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         last_good = str(path)
         if ctx.world > 1:
             torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank + start)
-        if ctx.is_main:
-            print(f"resumed from {path} at step {start}")
 
     # Everything is validated: only now does the run change its folder.
     if ctx.is_main:
@@ -260,6 +255,9 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
         if found is not None:
             folder.supersede_newer(found[1]["step"], supersede, found[0])
         folder.write_text("config.yaml", config_mod.dump(cfg))
+    console = Console(run_dir / "log.txt", cfg.run.progress) if ctx.is_main else None
+    if console is not None and found is not None:
+        console.write(f"resumed from {found[0]} at step {start}")
     wrapped = {name: distributed.wrap(getattr(nets, name), ctx) for name in opts}
     step_cls = TeacherStep if cfg.method.name == "teacher" else TrainStep
     step_fn = step_cls(cfg, nets, opts, Draws(rng), shard, wrapped)
@@ -269,13 +267,16 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
     # best.pt: the snapshot with the lowest in-loop FID so far (earlier rows count after a resume).
     logged = read_jsonl(run_dir / "metrics.jsonl") if ctx.is_main and (run_dir / "metrics.jsonl").is_file() else []
     best_fid = min((r["eval_fid"] for r in logged if "eval_fid" in r), default=float("inf"))
+    # The time line goes on across resumes, from the last kept record's.
+    progress = Progress(start, cfg.run.steps, global_batch, device, logged[-1].get("time_s", 0.0) if logged else 0.0)
+    # After a kill, steps past the checkpoint are hidden from the event files as from metrics.jsonl (TensorBoard's doc).
+    tensorboard = TensorBoard(run_dir, start + 1) if cfg.run.tensorboard and ctx.is_main else None
     acc = MetricAccumulator()
     watch = DivergenceWatch(device, cfg.run.explode_factor)
     params = [p for name in opts for p in getattr(nets, name).parameters()]
     bar = tqdm(total=cfg.run.steps, initial=start, desc="train", unit="step", disable=not (cfg.run.progress and ctx.is_main))
-    t_last, n_last = time.perf_counter(), start
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, tensorboard or contextlib.nullcontext():
         for step in range(start + 1, cfg.run.steps + 1):
             metrics = runner()
             watch.update(metrics, step)
@@ -289,40 +290,46 @@ def _train(cfg: Config, resume: str | None, ctx: distributed.Context, folder: Ru
             # One rank's signal stops all; ranks agree on log steps (one tiny all-reduce there).
             stopping = distributed.any_rank(stop.requested, ctx) if (log_now or ctx.world == 1) else False
             if log_now:
-                now = time.perf_counter()
-                means = distributed.mean_over_ranks(acc.pop_means(), ctx)
+                means = distributed.mean_over_ranks(acc.pop_means(), ctx)  # the one host sync of log steps
                 watch.check(step, params, last_good, means)
                 record = {"step": step, "kimg": nimg / 1000, **means}
-                record["images_per_s"] = global_batch * (step - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, step
                 if ctx.is_main:
+                    record.update(progress.fields(step))
                     if evaluate:
-                        with _apart_from_training(device):
+                        with progress.maintenance(), _apart_from_training(device):
                             record.update({f"eval_{k}": v for k, v in task.evaluate(ema.module).items()})
                     log.write(record)
+                    if tensorboard is not None:
+                        tensorboard.scalars(record)
+                    console.write(progress.line(record))
                     if record.get("eval_fid", float("inf")) < best_fid:
                         best_fid = record["eval_fid"]
                         watch.check(step, params, last_good)
-                        _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), run_dir / "best.pt")
+                        with progress.maintenance():
+                            _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), run_dir / "best.pt")
                     loss = next((record[k] for k in ("ratio_loss", "fake_dsm_loss", "teacher_loss") if k in record), float("nan"))
                     bar.set_postfix(img_s=f"{record['images_per_s']:.0f}", loss=f"{loss:.3g}")
             if ctx.is_main and cfg.run.plot_every and (step % cfg.run.plot_every == 0 or last):
                 try:
-                    with _apart_from_training(device):
-                        task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
-                    plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
+                    with progress.maintenance():
+                        with _apart_from_training(device):
+                            task.plot(ema.module, run_dir / f"samples-{step:09d}.png")
+                        plot_losses(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "losses.png")
+                        if tensorboard is not None:
+                            tensorboard.image(step, run_dir / f"samples-{step:09d}.png")
                 except OSError as err:
                     raise os_error(f"run.out_dir: cannot write plots into {run_dir}", err) from None
             if step % cfg.run.ckpt_every == 0 or last or stopping:
                 watch.check(step, params, last_good)  # never write a diverged state
                 path = checkpoint.checkpoint_path(run_dir, step)
-                if ctx.is_main:
-                    _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), path, cfg.run.keep_ckpts)
-                distributed.barrier(ctx)
+                with progress.maintenance():
+                    if ctx.is_main:
+                        _save(_state(step, nimg, cfg, nets, ema, opts, rng, extras, ratio_ema, task.data_state()), path, cfg.run.keep_ckpts)
+                    distributed.barrier(ctx)
                 last_good = str(path)
             if stopping:
                 if ctx.is_main:
-                    print(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint {last_good}")
+                    console.write(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; checkpoint {last_good}")
                 break
     bar.close()
     return run_dir

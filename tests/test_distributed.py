@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastratio import checkpoint
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import TIMING_KEYS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -35,7 +35,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels, mode):
     assert [r["step"] for r in rows_two] == [1, 2, 3, 4]  # rank 0 alone writes the log
     for a, b in zip(rows_one, rows_two):
         for key in a:
-            if key not in ("images_per_s", "step", "kimg"):
+            if key not in (*TIMING_KEYS, "step", "kimg"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     sa, sb = (checkpoint.load(checkpoint.list_checkpoints(r)[-1]) for r in (one, two))
     for role in sa["nets"]:

@@ -13,8 +13,8 @@ from testkit import idx_bytes, tiny_feature_extractor
 
 from fastratio import checkpoint
 from fastratio.data.formats import load_dataset
-from fastratio.evaluate import fidelity_metrics
 from fastratio.evaluate import main as evaluate_main
+from fastratio.fid import fidelity_metrics
 from fastratio.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import torch
 
 from fastratio import checkpoint, config
 from fastratio.guard import TrainingDiverged
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import TIMING_KEYS, read_jsonl
 from fastratio.step import TrainStep
 from fastratio.train import train
 
@@ -39,7 +39,7 @@ def _wait_for_checkpoint(run: Path, step: int, proc: subprocess.Popen, timeout: 
 
 
 def _losses(run: Path) -> dict[int, tuple]:
-    return {r["step"]: tuple(v for k, v in sorted(r.items()) if k not in ("images_per_s",)) for r in read_jsonl(run / "metrics.jsonl")}
+    return {r["step"]: tuple(v for k, v in sorted(r.items()) if k not in TIMING_KEYS) for r in read_jsonl(run / "metrics.jsonl")}
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_a_pickled_vae_is_refused_and_never_unpickled(tmp_path, vae_folder, caps
 
 
 def test_fid_against_edm2_reference_statistics_read_as_data(tmp_path):
-    from fastratio.evaluate import fid_against_reference, fidelity_metrics, read_reference_stats
+    from fastratio.fid import fid_against_reference, fidelity_metrics, read_reference_stats
 
     name = tiny_feature_extractor(16)
     images = torch.load(FIX / "ref_images.pt", weights_only=True)["images"]
@@ -99,7 +99,7 @@ def test_fid_against_edm2_reference_statistics_read_as_data(tmp_path):
 def test_hostile_reference_statistics_are_refused(tmp_path):
     import pickle
 
-    from fastratio.evaluate import read_reference_stats
+    from fastratio.fid import read_reference_stats
 
     class Marker:
         def __reduce__(self):

@@ -22,7 +22,7 @@ from fastratio.data.order import EpochOrder, ShardedBatches
 from fastratio.data.stream import StreamSource, loader_failure
 from fastratio.data.write import write_dataset_zip
 from fastratio.errors import UserError
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import TIMING_KEYS, read_jsonl
 from fastratio.shard import SINGLE, Shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,7 +380,7 @@ def _train_cmd(out: Path, steps: int, *extra: str, nproc: int = 1) -> list[str]:
 
 
 def _rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(run / "metrics.jsonl")}
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(run / "metrics.jsonl")}
 
 
 def _killed_and_resumed(tmp_path: Path, steps: int, kill_after: int, *extra: str) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from fastratio import checkpoint, config
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import TIMING_KEYS, read_jsonl
 from fastratio.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def _overrides(method: str, out: Path, prompts: Path, *extra: str) -> list[str]:
 
 
 def _losses(run: Path) -> dict[int, dict]:
-    return {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(run / "metrics.jsonl")}
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(run / "metrics.jsonl")}
 
 
 def _cmd(overrides: list[str], *extra: str) -> list[str]:
@@ -160,7 +160,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, prompts):
     assert len(one_rows) == len(two_rows) == 4
     for a, b in zip(one_rows, two_rows, strict=True):
         for key in a:
-            if key not in ("images_per_s", "step", "kimg"):
+            if key not in (*TIMING_KEYS, "step", "kimg"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     sa, sb = (checkpoint.load(checkpoint.list_checkpoints(r)[-1]) for r in (tmp_path / "one", two))
     for key, value in sa["ema"].items():
@@ -173,7 +173,7 @@ def test_compiled_step_matches_eager(tmp_path, prompts):
     compiled = train(config.load(None, _overrides("dibregman", tmp_path / "compiled", prompts, "run.steps=3", "step.mode=compile")))
     for a, b in zip(read_jsonl(eager / "metrics.jsonl"), read_jsonl(compiled / "metrics.jsonl"), strict=True):
         for key in a:
-            if key != "images_per_s":
+            if key not in TIMING_KEYS:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
 
 

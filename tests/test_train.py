@@ -7,7 +7,7 @@ import torch
 
 from fastratio import checkpoint, config, ops
 from fastratio.errors import UserError
-from fastratio.runlog import read_jsonl
+from fastratio.runlog import TIMING_KEYS, read_jsonl
 from fastratio.tasks import build_task
 from fastratio.train import train
 
@@ -53,7 +53,7 @@ def test_resume_continues_the_same_run(tmp_path, method):
     resumed = train(_cfg(tmp_path / "b", f"method.name={method}", steps=10), resume="auto")
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 11))
-    keys = [k for k in a[0] if k not in ("images_per_s",)]
+    keys = [k for k in a[0] if k not in TIMING_KEYS]
     for ra, rb in zip(a, b):
         assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
     sa = checkpoint.load(checkpoint.list_checkpoints(full)[-1])

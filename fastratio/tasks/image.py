@@ -137,7 +137,7 @@ class ImageTask:
 
             checked_weights(cfg.eval.inception, "eval.inception")
         if cfg.eval.fid_samples and cfg.eval.fid_ref:
-            from ..evaluate import read_reference_stats
+            from ..fid import read_reference_stats
 
             self._fid_ref = read_reference_stats(cfg.eval.fid_ref, "eval.fid_ref")
 
@@ -239,7 +239,7 @@ class ImageTask:
         """n samples from fixed latents: one generator step, or the teacher's Heun sampler
         (fastratio.sample.sample, as the CLI draws them from a checkpoint). Images in [-1, 1], or
         final latents for a latent run."""
-        from ..sample import sample
+        from ..inference import sample
 
         was_training = model.training
         model.eval()
@@ -267,7 +267,7 @@ class ImageTask:
         metrics = {f"{name}_mean_gap": float(mean_gap), f"{name}_std_gap": float(std_gap)}
         ev = self.cfg.eval
         if ev.fid_samples:
-            from ..evaluate import fid_against_reference, fidelity_metrics
+            from ..fid import fid_against_reference, fidelity_metrics
             from ..inception import private_cache_dir
 
             fake = torch.cat([self.pixels(model, min(256, ev.fid_samples - i), seed=_EVAL_SEED + i) for i in range(0, ev.fid_samples, 256)])
