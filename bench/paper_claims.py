@@ -45,16 +45,17 @@ ROOT = Path(__file__).resolve().parents[1]
 from fastratio import checkpoint, config
 from fastratio.atomic import atomic_write
 from fastratio.data.formats import load_dataset
+from fastratio.device import resolve_device
 from fastratio.errors import UserError, run_cli
-from fastratio.evaluate import image_features
+from fastratio.fid import image_features
 from fastratio.guard import TrainingDiverged
 from fastratio.images import to_uint8
 from fastratio.inception import INCEPTION
+from fastratio.inference import load_model, load_verifier, sample
 from fastratio.runinfo import environment
 from fastratio.runlog import read_jsonl
-from fastratio.sample import load_model, load_verifier, sample
 from fastratio.toy import energy_distance
-from fastratio.train import resolve_device, train
+from fastratio.train import train
 
 # name -> config overrides; every method starts from the same teacher and trains the same steps.
 METHODS = {
@@ -69,6 +70,22 @@ METHODS = {
     "dijs_ratio_scratch": ["method.name=diffratio", "method.objective=dijs", "model.ratio_from_teacher=false"],
 }
 BEST_OF = (2, 4, 8, 16)
+
+# --sweep-steps: before the comparison, each family's candidates train one seed for that many generator
+# steps and the lowest FID's overrides are the family's configuration in the comparison (issue 30: a
+# baseline gets a configuration that suits it). The grid is what the methods' own papers use: the
+# weighting (none: the digits config; sigma^2: DiffRatio/Di-Bregman on CIFAR-10, VSD/ProlificDreamer;
+# dmd: sigma^2 with DMD's per-sample normalisation, DMD/DMD2) times the smallest sigma (0.002: EDM's;
+# 0.02: about DMD2's t >= 20 of 1000), at equal steps, batch and learning rate for every candidate.
+_SIGMA_MIN = {"smin0.002": ["noise.sigma_min=0.002"], "smin0.02": ["noise.sigma_min=0.02"]}
+_WEIGHTINGS = {w: [f"noise.weighting={w}"] for w in ("none", "sigma2", "dmd")}
+SWEEP = {
+    family: {f"w={w}_{s}": _WEIGHTINGS[w] + _SIGMA_MIN[s] for w in weightings for s in _SIGMA_MIN}
+    for family, weightings in {"dijs": ("none", "sigma2"), "vsd": ("none", "sigma2", "dmd"),
+                               "dibregman_sba5": ("none", "sigma2", "dmd")}.items()
+}
+# Methods that take another family's chosen configuration (the same objective, another start).
+SWEEP_FROM = {"dijs_random_init": "dijs", "dijs_ratio_scratch": "dijs", "dikl": "dijs", "dirm": "dijs", "dibregman_lr": "dibregman_sba5"}
 
 # data -> the config pair configs/<configs>{_teacher,}.yaml (their data.path is the train file, unless
 # "train" replaces it), the held-out test images (kind, path), and how to get missing files.
@@ -122,6 +139,8 @@ def _train(cfg: config.Config) -> tuple[Path | None, str]:
         except TrainingDiverged as err:
             return None, str(err)
         done = _finished(run_dir, cfg.run.steps)
+        if done is None:  # stopped by a signal: rerun the command to resume it, never a result
+            raise UserError(f"{run_dir}: stopped before step {cfg.run.steps}; rerun to resume it")
     return done, ""
 
 
@@ -386,6 +405,37 @@ def figure(grids: dict[str, torch.Tensor], rows: list[dict], path: Path) -> None
     plt.close(fig)
 
 
+def _run_method(stage2, name: str, overrides: list[str], teacher: Path, run_dir: Path, seed: int, steps: int):
+    """Train one method run (reused when finished): (row, checkpoint or None)."""
+    cfg = _derive(stage2, overrides + [f"teacher.checkpoint={teacher}", f"run.out_dir={run_dir}", f"run.seed={seed}",
+                                       f"run.steps={steps}", f"run.ckpt_every={max(1, steps // 4)}"])
+    t = time.time()
+    ckpt, diverged = _train(cfg)
+    row = {"method": name, "seed": seed, "best_of": 1, "steps": steps,
+           "images_seen": steps * cfg.optim.batch_size, "train_seconds": round(time.time() - t, 1)}
+    return ({**row, "diverged": diverged} if ckpt is None else row), ckpt
+
+
+def sweep(args, out: Path, stage2, teacher: Path, cache: MeasureCache, device) -> tuple[dict, list[dict]]:
+    """Each swept family's candidates at seed 0 and --sweep-steps: ({family: chosen candidate}, rows).
+    The lowest FID is chosen (a diverged candidate never is)."""
+    families = dict.fromkeys(SWEEP_FROM.get(m, m) for m in args.methods if SWEEP_FROM.get(m, m) in SWEEP)
+    chosen, rows = {}, []
+    for family in families:
+        for candidate, overrides in SWEEP[family].items():
+            name = f"{family}[{candidate}]"
+            row, ckpt = _run_method(stage2, name, METHODS[family] + overrides, teacher, out / "sweep" / name, 0, args.sweep_steps)
+            row.update(n=args.n, sweep=family, candidate=candidate)
+            if ckpt is not None:
+                row.update(cache.measure(f"sweep-{name}", _generate(ckpt, args.n, 1000, device)))
+            rows.append(row)
+            print(f"sweep {name}: " + (f"FID {row['fid']:.2f}, KID {row['kid']:.4f}" if "fid" in row else f"diverged ({row['diverged']})"))
+        done = [r for r in rows if r["sweep"] == family and "fid" in r]
+        if done:
+            chosen[family] = min(done, key=lambda r: r["fid"])["candidate"]
+    return chosen, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(DATASETS), default="digits")
@@ -395,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200, help="generated images per measurement")
     parser.add_argument("--test-n", type=int, default=0, help="compare with a fixed random subset of this many test images (0: all)")
     parser.add_argument("--steps", type=int, default=0, help="generator steps per run (default: the config's, or what fits the budget)")
+    parser.add_argument("--sweep-steps", type=int, default=0,
+                        help="first train each family's candidate configurations (SWEEP) this many steps at seed 0, "
+                             "and compare each method at its family's best (0: the config as it is)")
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: the config's, or a fifth of the budget)")
     parser.add_argument("--inception", default=str(ROOT / "data" / "inception.pth"),
                         help="torch-fidelity Inception weights (python -m fastratio.tools.convert_inception; see ../shared/DATA.md)")
@@ -453,42 +506,53 @@ def main(argv: list[str] | None = None) -> int:
     start = _generate(init, args.n, 1000, device)
     rows.append({"method": "generator_init", "seed": 0, "best_of": 1, "n": args.n, "steps": 0, **cache.measure("generator_init", start)})
     grids = {"real (train)": train_set.images[:64], f"teacher, {rows[1]['nfe']} NFE": heun[:64], "generator at step 0": start[:64]}
+    chosen, sweep_rows = sweep(args, out, stage2, teacher, cache, device) if args.sweep_steps else ({}, [])
+    configured = {m: METHODS[m] + SWEEP[SWEEP_FROM.get(m, m)].get(chosen.get(SWEEP_FROM.get(m, m)), []) for m in args.methods}
+
+    previous = _previous_invocations(results, plan)
+
+    def write_results() -> dict:  # after every run, so that a kill or a partial campaign keeps what finished
+        result = {
+            "data": args.data, "argv": sys.argv[1:] if argv is None else argv, "environment": environment(device), "plan": plan, "n": args.n,
+            "test_n": args.test_n, "test_images": int(test_set.images.shape[0]), "feature_extractor": args.feature_extractor,
+            "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
+            "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": configured,
+            "sweep": {"steps": args.sweep_steps, "chosen": chosen, "candidates": {f: SWEEP[f] for f in chosen}, "rows": sweep_rows},
+            # Every invocation on this plan, oldest first (a rerun reuses runs and measures: minutes, not an hour).
+            "invocations": previous + [{"finished": time.strftime("%Y-%m-%d %H:%M"),
+                                         "wall_minutes": round((time.time() - started) / 60, 1)}],
+            "rows": rows,
+            "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in claims(rows)],
+        }
+        results.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(results, result)
+        return result
+
     for seed in range(args.seeds):
         for method in args.methods:
-            cfg = _derive(stage2, METHODS[method] + [
-                f"teacher.checkpoint={teacher}", f"run.out_dir={out / f'{method}-seed{seed}'}", f"run.seed={seed}",
-                f"run.steps={plan['steps']}", f"run.ckpt_every={max(1, plan['steps'] // 4)}"])
-            t = time.time()
-            ckpt, diverged = _train(cfg)
-            row = {"method": method, "seed": seed, "best_of": 1, "n": args.n, "steps": plan["steps"],
-                   "images_seen": plan["steps"] * cfg.optim.batch_size, "train_seconds": round(time.time() - t, 1)}
+            # A chosen configuration gets its own run folder: a rerun never reuses a run trained otherwise.
+            tag = chosen.get(SWEEP_FROM.get(method, method))
+            row, ckpt = _run_method(stage2, method, configured[method], teacher,
+                                    out / (f"{method}[{tag}]-seed{seed}" if tag else f"{method}-seed{seed}"), seed, plan["steps"])
+            row["n"] = args.n
             if ckpt is None:
-                rows.append({**row, "diverged": diverged})
-                print(f"{method} seed {seed}: diverged ({diverged})")
+                rows.append(row)
+                print(f"{method} seed {seed}: diverged ({row['diverged']})")
+                write_results()
                 continue
             images = _generate(ckpt, args.n, 1000 + seed, device)
-            rows.append({**row, **cache.measure(_row_name(row), images)})
+            rows.append({**row, **cache.measure(_row_name(row) + (f"[{tag}]" if tag else ""), images)})
             print(f"{method} seed {seed}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}, ED {rows[-1]['energy_distance']:.4f}")
             if seed == 0:
                 grids[method] = images[:64]
             if method == "dijs" and seed == 0:
                 for n_cand in BEST_OF:
-                    chosen = _generate(ckpt, args.n, 1000 + seed, device, best_of=n_cand)
-                    rows.append({**row, "best_of": n_cand, **cache.measure(_row_name({**row, "best_of": n_cand}), chosen)})
+                    chosen_images = _generate(ckpt, args.n, 1000 + seed, device, best_of=n_cand)
+                    name = _row_name({**row, "best_of": n_cand}) + (f"[{tag}]" if tag else "")
+                    rows.append({**row, "best_of": n_cand, **cache.measure(name, chosen_images)})
                     print(f"  best of {n_cand}: FID {rows[-1]['fid']:.2f}, KID {rows[-1]['kid']:.4f}")
-    result = {
-        "data": args.data, "argv": sys.argv[1:] if argv is None else argv, "environment": environment(device), "plan": plan, "n": args.n, "test_n": args.test_n,
-        "test_images": int(test_set.images.shape[0]),
-        "feature_extractor": args.feature_extractor, "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
-        "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": {m: METHODS[m] for m in args.methods},
-        # Every invocation on this plan, oldest first (a rerun reuses runs and measures: minutes, not an hour).
-        "invocations": _previous_invocations(results, plan) + [{"finished": time.strftime("%Y-%m-%d %H:%M"),
-                                                                 "wall_minutes": round((time.time() - started) / 60, 1)}],
-        "rows": rows,
-        "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in claims(rows)],
-    }
-    results.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(results, result)
+            write_results()
+    result = write_results()
     figure(grids, rows, args.figure or ROOT / "docs" / ("paper-claims.png" if args.data == "digits" else f"paper-claims-{args.data}.png"))
     print(markdown(rows))
     print()

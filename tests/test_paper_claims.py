@@ -61,6 +61,28 @@ def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
            [{k: v for k, v in r.items() if k not in strip} for r in result["rows"]]
 
 
+def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_path):
+    """--sweep-steps: VSD's six candidates (weighting x smallest sigma) train at seed 0, the lowest FID is
+    chosen, and the comparison's VSD run trains with those overrides in its own folder."""
+    claims = _claims()
+    args = ["--data", "digits", "--methods", "vsd", "--seeds", "1", "--n", "24", "--steps", "2", "--teacher-steps", "10",
+            "--sweep-steps", "2", "--feature-extractor", tiny_feature_extractor(16), "--out-dir", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "claims.json"), "--figure", str(tmp_path / "claims.png"), "--device", "cpu"]
+    assert claims.main(args) == 0
+    result = json.loads((tmp_path / "claims.json").read_text())
+    sweep = result["sweep"]
+    assert [r["candidate"] for r in sweep["rows"]] == list(claims.SWEEP["vsd"]) and all(r["steps"] == 2 for r in sweep["rows"])
+    best = min((r for r in sweep["rows"] if "fid" in r), key=lambda r: r["fid"])["candidate"]
+    assert sweep["chosen"] == {"vsd": best}
+    assert result["methods"]["vsd"] == claims.METHODS["vsd"] + claims.SWEEP["vsd"][best]
+    from fastratio import config
+
+    cfg = config.load(tmp_path / "runs" / "digits" / f"vsd[{best}]-seed0" / "config.yaml")
+    weighting, smin = best.split("_")
+    assert cfg.noise.weighting == weighting[2:] and f"smin{cfg.noise.sigma_min:g}" == smin and cfg.run.steps == 2
+    assert len(result["invocations"]) == 1
+
+
 def test_paper_claims_missing_data_file_is_one_line(tmp_path):
     claims = _claims()
     missing = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
