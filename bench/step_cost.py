@@ -3,6 +3,7 @@ kernel launches, per phase and role, for every method, and a roofline time estim
 
     python bench/step_cost.py [--size tiny|cifar10|imagenet64|...] [--batch B ...] [--precision fp32|bf16] [--checkpointing]
     python bench/step_cost.py --size sd15 [--checkpointing]    # SD1.5 text-to-image, batch 8 16 32 (docs/text2image-cost.md)
+    python bench/step_cost.py --size cifar10 --batch 64 --batch-gpu 16 32   # the peak per micro-batch size (docs/batch.md)
 
 The trainer's own code runs (fastratio.tasks.image builds the networks, TrainStep/StepRunner run
 the iteration: data sampling, every update, backward and Adam step, the EMA updates) under torch's
@@ -10,11 +11,15 @@ FakeTensorMode, so no tensor holds data and a CIFAR-10-size step takes seconds o
 is built from its kwargs instead of being read from a file (loading is not part of a step). Two
 iterations run; the second, with the optimizer state in place, is the one reported. Counted by a
 dispatch mode around every aten op:
-  FLOPs       torch.utils.flop_counter's formulas (matmul, convolution, attention, their backwards)
+  FLOPs       torch.utils.flop_counter's formulas (matmul, convolution, attention, their backwards;
+              the CPU flash-attention kernel that fake and CPU tensors dispatch to gets the CUDA
+              kernels' formula, which flop_counter lacks)
   bytes       inputs + outputs of every non-view op: an upper bound on eager memory traffic
               (compiled steps fuse elementwise chains and move less)
-  peak        live tensor storages (weakrefs on every op output), split at the peak into parameters
-              (live and EMA), gradients, optimizer state and the rest (activations, temporaries)
+  peak        live tensor storages (weakrefs on every op output and on the state alive before the
+              step, so that what the step frees, such as a network's previous gradients, leaves the
+              count), split at the peak into parameters (live and EMA), gradients, optimizer state and
+              the rest (activations, temporaries)
   launches    non-view ops: one kernel each in eager mode (a few ops launch several, some none)
 Roofline estimate on an H100 SXM (stated assumptions, not a measurement): each op takes
 max(FLOPs / peak, bytes / bandwidth), peak 989 TFLOP/s for bf16 tensor-core ops, 495 TFLOP/s for
@@ -26,18 +31,20 @@ text-to-image path).
 
 ``--size sd15``: fastratio.tasks.text2image.build_networks on Stable Diffusion v1.5-size parts built from
 their configs (SD15_UNET etc. below; no download, no weights), 512x512 images as 4x64x64 latents, CLIP
-text embeddings [B, 77, 768] in the label slots. Counted: the step (every UNet forward, backward and Adam
-step, the EMAs). Not counted, stated in the rows: the VAE (latents precomputed) and the frozen text
-encoder (run in the task's advance(), before the step; its FLOPs per prompt are a field of each row);
-both are in memory, as the task holds them on the device.
+text embeddings [B, 77, 768] in the label slots, each method as configs/sd15_<method>.yaml sets it (its
+auxiliary updates per generator update, noise law, weighting, Adam, clipping, EMA, shared encoder) at
+the given per-GPU batch on one process. Counted: the step (every UNet forward, backward and Adam step,
+the EMAs). Not counted, stated in the rows: the VAE (latents precomputed) and the frozen text encoder
+(run in the task's advance(), before the step; its FLOPs per prompt are a field of each row); both are
+in memory, as the task holds them on the device. As on a GPU: Adam's foreach implementation, and CUDA
+autocast's fp32 rule for GroupNorm/LayerNorm (CPU autocast would run them in bf16 and hold smaller
+activations). Each row says whether the peak fits an H100 80GB, alone and with DDP's gradient buckets.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import math
 import sys
@@ -51,7 +58,7 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -211,13 +218,32 @@ def _phases(mode: StepCost, runner: StepRunner, nets):
             h.remove()
 
 
+@contextlib.contextmanager
+def _fake_foreach(fake: bool):
+    """Let fake tensors take torch's foreach paths where real ones do (clip_grad_norm_'s _foreach_norm;
+    it checks the tensors' exact type): otherwise a clipped step is counted with one norm and one
+    scale per parameter tensor, a GPU (or a real CPU run) launching a handful."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _foreach_utils
+
+    types = _foreach_utils._foreach_supported_types
+    added = fake and FakeTensor not in types
+    if added:
+        types.append(FakeTensor)
+    try:
+        yield
+    finally:
+        if added:
+            types.remove(FakeTensor)
+
+
 def _measure(cfg, build, fake: bool = True, adam_foreach: bool = False) -> dict:
     """Build the run (``build() -> (task, nets, resident)``, under FakeTensorMode unless ``fake`` is
     False), run one iteration to create the optimizer state, count the second. ``resident``: modules
     the task holds on the device outside the networks (counted as parameters: they are in memory).
     ``adam_foreach``: Adam's multi-tensor implementation, which torch picks by default on CUDA (on a
     CPU it loops per tensor); its step allocates one temporary the size of the network's parameters."""
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), _fake_foreach(fake):
         torch.manual_seed(0)
         task, nets, resident = build()
         opts = build_optimizers(nets, cfg)
@@ -275,8 +301,12 @@ def _measure(cfg, build, fake: bool = True, adam_foreach: bool = False) -> dict:
 
 
 def count_step(size_name: str, method: str, objective: str | None, batch: int | None, precision: str, checkpointing: bool,
-               fake: bool = True, variant: str | None = None, aux_updates: int | None = None) -> dict:
+               fake: bool = True, variant: str | None = None, aux_updates: int | None = None, batch_gpu: int = 0) -> dict:
+    """``batch_gpu`` (image sizes): optim.batch_gpu, every update of the step in micro-batches of that
+    size (0: the whole per-GPU batch at once); the row's peak is then that of one micro-batch's work."""
     if size_name in SD_SIZES:
+        if batch_gpu:
+            raise ValueError("batch_gpu: for the image sizes (sd sizes: not yet)")
         if variant not in (None, "separate"):
             raise ValueError(f"variant {variant!r}: sd sizes know 'separate' (dibregman with its own ratio net)")
         return count_sd_step(size_name, method, objective, batch, precision, checkpointing, fake,
@@ -301,6 +331,9 @@ def count_step(size_name: str, method: str, objective: str | None, batch: int | 
         cfg = _config(root, root / "data.npz", root / "teacher.pt", size, {**size["model"], "checkpointing": checkpointing}, method, "eager", precision)
         if objective:
             cfg.method.objective = objective
+        if batch_gpu and size["batch"] % batch_gpu:
+            raise ValueError(f"batch_gpu: {batch_gpu} does not divide the batch {size['batch']}")
+        cfg.optim.batch_gpu = batch_gpu
 
         def build():
             task = build_task(cfg, torch.device("cpu"))
@@ -309,11 +342,12 @@ def count_step(size_name: str, method: str, objective: str | None, batch: int | 
         original = image_task.load_teacher
         image_task.load_teacher = teacher_from_kwargs
         try:
-            counted = _measure(cfg, build, fake)
+            with _cuda_autocast_rules() if precision == "bf16" else contextlib.nullcontext():
+                counted = _measure(cfg, build, fake)
         finally:
             image_task.load_teacher = original
-    return {"size": size_name, "method": method, "objective": objective, "batch": size["batch"], "precision": precision,
-            "checkpointing": checkpointing, **counted}
+    return {"size": size_name, "method": method, "objective": objective, "batch": size["batch"], "batch_gpu": batch_gpu or size["batch"],
+            "precision": precision, "checkpointing": checkpointing, **counted}
 
 
 # -- Stable Diffusion v1.5 text-to-image (fastratio.tasks.text2image) ------------------------------
@@ -362,27 +396,11 @@ SD_METHODS = [("diffratio", "dijs"), ("vsd", None), ("dibregman", "sba"), ("dibr
 H100_MEMORY = {"capacity_gib": 79.11, "reserve_gib": 3.0}
 
 
-def _import_diffusers():
-    """fastratio.hf.import_diffusers with this folder off sys.path meanwhile: bench/kernels.py would shadow
-    Hugging Face's ``kernels`` package, which transformers imports lazily (fastratio.hf handles the
-    repository's kernels/ folder, not this one). The installed package is imported here, once."""
-    here = Path(__file__).resolve().parent
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    try:
-        diffusers = import_diffusers("bench")
-        if "kernels" not in sys.modules and importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
-    finally:
-        sys.path[:] = saved
-    return diffusers
-
-
 def _text_encoder(size_name: str) -> torch.nn.Module:
     """The frozen CLIP text model, on the meta device (shapes only). Built or run under FakeTensorMode,
     transformers' CLIPTextModel corrupted the heap now and then (torch 2.14, transformers 5.25: a
     segfault a few counts later); on the meta device it does not."""
-    _import_diffusers()  # the kernels shadowing workaround before transformers loads its models
+    import_diffusers("bench")  # the kernels shadowing workaround before transformers loads its models
     import transformers
 
     with torch.device("meta"):
@@ -416,6 +434,58 @@ def _in_place(cls: type) -> type:
     return InPlace
 
 
+# CUDA autocast's "fp32" and "fp32_set_opt_dtype" lists (aten/src/ATen/autocast_mode.cpp, KERNEL_CUDA):
+# their floating inputs run in fp32 on a GPU, where CPU autocast runs most of them in the input's bf16.
+# The overloads the trainer's steps dispatch to (an op whose every overload is listed is given as its
+# name alone); tests/test_step_cost.py checks the emulation against real CUDA autocast on fake CUDA
+# tensors, call by call. Matmuls, convolutions and attention are bf16 under both.
+_CUDA_FP32_OPS = (
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh", "tan",
+    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm", "native_layer_norm", "group_norm",
+    "frobenius_norm.dim", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss",
+    "nll_loss2d", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d", "upsample_bilinear2d",
+    "upsample_trilinear3d", "upsample_bicubic2d",
+    # fp32_set_opt_dtype: fp32 unless the call names an output dtype
+    "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm",
+    "sum", "sum.dim_IntList", "norm.Scalar", "norm.ScalarOpt_dim",
+)
+
+
+def _overload(name: str):
+    op, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, op), overload or "default")
+
+
+@contextlib.contextmanager
+def _cuda_autocast_rules():
+    """CPU autocast with CUDA's fp32 rules (_CUDA_FP32_OPS): those ops' floating inputs cast to fp32 and
+    fp32 out, as on the GPU (so, among others, GroupNorm-SiLU and upsampling keep fp32 activations for the
+    backward, which CPU autocast would hold in bf16). Registered for the duration only."""
+    guard = torch._C._ExcludeDispatchKeyGuard
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def fp32(op):
+        def kernel(*args, **kwargs):
+            def cast(t):
+                return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+            with guard(keys):
+                return op(*tree_map(cast, args), **tree_map(cast, kwargs))
+
+        return kernel
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        for name in _CUDA_FP32_OPS:
+            lib.impl(name, fp32(_overload(name)), "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
+
+
 def _latent_task(shape: tuple, batch: int, text_shape: tuple):
     """The text-to-image task as the step sees it: the device buffers ``advance`` fills (latents and text
     embeddings, zeros here: costs do not depend on values) read through TextToImageTask's own
@@ -443,7 +513,7 @@ def _sd_schedule() -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas_cumprod, sigma grid), float64 [1000], from diffusers' DDPMScheduler as read_schedule builds it."""
     from fastratio.networks.sd import sigma_grid
 
-    abar = _import_diffusers().DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod.to(torch.float64)
+    abar = import_diffusers("bench").DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod.to(torch.float64)
     return abar, sigma_grid(abar)
 
 
@@ -467,13 +537,14 @@ def _sd_config(method: str, objective: str | None, batch: int, precision: str, c
 
 
 def count_sd_step(size_name: str, method: str, objective: str | None, batch: int | None, precision: str, checkpointing: bool,
-                  fake: bool = True, shared_encoder: bool | None = None, aux_updates: int | None = None) -> dict:
+                  fake: bool = True, shared_encoder: bool | None = None, aux_updates: int | None = None,
+                  cuda_autocast: bool = True) -> dict:
     """One text-to-image step (fastratio.tasks.text2image.build_networks on SD1.5-size parts built from
     their configs: no download, no weights) counted as the image steps are. Adam runs its CUDA default
     (foreach). Adds what an H100 80GB holds: the fit of one GPU, and under DDP (every GPU holds every
     weight and Adam state, nothing is sharded) DDP's gradient buckets on top, one fp32 copy of each
     trained network's gradients (gradient_as_bucket_view is off)."""
-    diffusers = _import_diffusers()
+    diffusers = import_diffusers("bench")
     from fastratio.networks.sd import SDParts
     from fastratio.tasks import text2image
 
@@ -501,7 +572,8 @@ def count_sd_step(size_name: str, method: str, objective: str | None, batch: int
     for name, cls in originals.items():
         setattr(text2image, name, _in_place(cls))
     try:
-        counted = _measure(cfg, build, fake, adam_foreach=True)
+        with _cuda_autocast_rules() if cuda_autocast else contextlib.nullcontext():
+            counted = _measure(cfg, build, fake, adam_foreach=True)
     finally:
         for name, cls in originals.items():
             setattr(text2image, name, cls)
@@ -551,7 +623,8 @@ def cross_check(size: str, precision: str) -> bool:
 
 def _print_rows(size: str, precision: str, checkpointing: bool, rows: list[dict]) -> None:
     vsd = next((r for r in rows if r["method"] == "vsd"), None)
-    print(f"{size}, batch {rows[0]['batch']}, {precision}{', generator checkpointing' if checkpointing else ''}  (fake tensors; H100 times are roofline estimates)")
+    split = f" in micro-batches of {rows[0]['batch_gpu']} (optim.batch_gpu)" if rows[0].get("batch_gpu", rows[0]["batch"]) < rows[0]["batch"] else ""
+    print(f"{size}, batch {rows[0]['batch']}{split}, {precision}{', generator checkpointing' if checkpointing else ''}  (fake tensors; H100 times are roofline estimates)")
     print(f"{'method':<22} {'GFLOP':>9} {'GB moved':>9} {'peak GB':>8} {'launches':>8} {'eager ms':>9} {'graph ms':>9}  vs VSD: flops  peak  graph/eagerVSD")
     for r in rows:
         name = r["method"] + (f"/{r['objective']}" if r["objective"] else "")
@@ -591,31 +664,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation checkpointing (model.checkpointing): the generator; sd sizes: the generator's and fake score's UNets")
     parser.add_argument("--methods", nargs="+", help="subset, e.g. diffratio:dijs vsd (sd sizes: dibregman:sba:separate, its own ratio net)")
     parser.add_argument("--aux-updates", type=int, help="sd sizes: ratio/fake-score updates per generator update (default: the config's)")
+    parser.add_argument("--batch-gpu", type=int, nargs="+", default=[0],
+                        help="image sizes: optim.batch_gpu, micro-batch size(s) of gradient accumulation (0: none); a row each")
     parser.add_argument("--check", action="store_true", help="cross-check fake-tensor counts against a real CPU run (use with --size tiny or sd-tiny)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.check:
         return 0 if cross_check(args.size, args.precision) else 1
     sd = args.size in SD_SIZES
+    if sd and any(args.batch_gpu):
+        parser.error("--batch-gpu: counted for the image sizes (the sd sizes: not yet)")
     methods = (SD_METHODS if sd else METHODS) if not args.methods else [tuple(p or None for p in (m.split(":") + [""])[:3]) for m in args.methods]
     batches = args.batch or (SD_SIZES[args.size]["batches"] if sd else [None])
     rows = []
     env = environment(torch.device("cpu"))
     extra = {"text_encoder_flops_per_prompt": text_encoder_flops(args.size)} if sd else {}
     for batch in batches:
-        for method, objective, *variant in methods:
-            row = count_step(args.size, method, objective, batch, args.precision, args.checkpointing, variant=(variant or [None])[0],
-                             aux_updates=args.aux_updates)
-            rows.append({**row, **extra, "torch": env["torch"], "commit": env["commit"], "assumptions": {**H100, **(H100_MEMORY if sd else {})}})
-            print(f"  counted {method} batch {row['batch']} in {row['count_seconds']:.1f} s", flush=True)
+        for batch_gpu in args.batch_gpu:
+            for method, objective, *variant in methods:
+                row = count_step(args.size, method, objective, batch, args.precision, args.checkpointing, variant=(variant or [None])[0],
+                                 aux_updates=args.aux_updates, **({"batch_gpu": batch_gpu} if batch_gpu else {}))
+                rows.append({**row, **extra, "torch": env["torch"], "commit": env["commit"], "assumptions": {**H100, **(H100_MEMORY if sd else {})}})
+                print(f"  counted {method} batch {row['batch']}{f' in micro-batches of {batch_gpu}' if batch_gpu else ''} "
+                      f"in {row['count_seconds']:.1f} s", flush=True)
     if sd:
         print(f"{args.size}, {args.precision}{', checkpointing' if args.checkpointing else ''}  (fake tensors; peak in GiB; "
               f"fits: peak <= {H100_MEMORY['capacity_gib'] - H100_MEMORY['reserve_gib']:.2f} GiB)")
         _print_sd_rows(rows)
     else:
         for batch in batches:
-            _print_rows(args.size, args.precision, args.checkpointing, [r for r in rows if batch is None or r["batch"] == batch])
-    out = args.out or Path(f"bench/results/step_cost_{args.size}_{args.precision}{'_ckpt' if args.checkpointing else ''}.json")
+            for batch_gpu in args.batch_gpu:
+                _print_rows(args.size, args.precision, args.checkpointing,
+                            [r for r in rows if (batch is None or r["batch"] == batch) and r["batch_gpu"] == (batch_gpu or r["batch"])])
+    micro = "_batchgpu" + "-".join(map(str, args.batch_gpu)) if any(args.batch_gpu) else ""  # leave the unsplit table in place
+    out = args.out or Path(f"bench/results/step_cost_{args.size}_{args.precision}{'_ckpt' if args.checkpointing else ''}{micro}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
