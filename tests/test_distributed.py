@@ -26,14 +26,9 @@ def _run(out: Path, nproc: int, *overrides: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method, kernels, mode", [("diffratio", "triton", "eager"), ("vsd", "torch", "eager"), ("diffratio", "torch", "compile")])
-def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels, mode):
-    args = (f"method.name={method}", f"run.kernels={kernels}", f"step.mode={mode}")
-    one = _run(tmp_path / "one", 1, *args)
-    two = _run(tmp_path / "two", 2, *args)
-    rows_one, rows_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]  # rank 0 alone writes the log
-    for a, b in zip(rows_one, rows_two):
+def assert_same_runs(one: Path, two: Path) -> tuple[dict, dict]:
+    """Two runs' logged metrics (timing aside) and final networks agree to 1e-4; their last checkpoints."""
+    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"), strict=True):
         for key in a:
             if key not in (*TIMING_KEYS, "step", "kimg"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
@@ -41,5 +36,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels, mode):
     for role in sa["nets"]:
         for key, value in sa["nets"][role].items():
             torch.testing.assert_close(sb["nets"][role][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key, r=role: f"{r}.{k}: {m}")
+    return sa, sb
+
+
+@pytest.mark.parametrize("method, kernels, mode", [("diffratio", "triton", "eager"), ("vsd", "torch", "eager"), ("diffratio", "torch", "compile")])
+def test_two_gloo_ranks_equal_one_process(tmp_path, method, kernels, mode):
+    args = (f"method.name={method}", f"run.kernels={kernels}", f"step.mode={mode}")
+    one = _run(tmp_path / "one", 1, *args)
+    two = _run(tmp_path / "two", 2, *args)
+    assert [r["step"] for r in read_jsonl(two / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0 alone writes the log
+    sa, sb = assert_same_runs(one, two)
     for key, value in sa["ema"].items():
         torch.testing.assert_close(sb["ema"][key], value, rtol=1e-4, atol=1e-6)

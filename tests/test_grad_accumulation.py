@@ -281,20 +281,13 @@ def test_ddp_all_reduces_once_per_update_not_per_micro_batch(tmp_path):
 def test_two_gloo_ranks_in_micro_batches_equal_one_unsplit_process(tmp_path):
     """torchrun, 2 ranks x 4 micro-batches of 4 against one process with the whole batch of 32."""
     from test_distributed import _run as run_torchrun
+    from test_distributed import assert_same_runs
 
-    from fastratio.runlog import TIMING_KEYS, read_jsonl
 
     args = ("method.name=diffratio", "run.kernels=torch")
     one = run_torchrun(tmp_path / "one", 1, *args)
     two = run_torchrun(tmp_path / "two", 2, *args, "optim.batch_gpu=4")
-    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"), strict=True):
-        for key in a:
-            if key not in (*TIMING_KEYS, "step", "kimg"):
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    sa, sb = (checkpoint.load(checkpoint.list_checkpoints(r)[-1]) for r in (one, two))
-    for role in sa["nets"]:
-        for key, value in sa["nets"][role].items():
-            torch.testing.assert_close(sb["nets"][role][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key, r=role: f"{r}.{k}: {m}")
+    assert_same_runs(one, two)
 
 
 def test_a_batch_gpu_that_does_not_divide_the_batch_per_gpu_is_refused_under_torchrun(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 import torch_fidelity
 from PIL import Image
 from test_sample_seeds import train_tiny
-from testkit import tiny_features
+from testkit import tiny_feature_extractor, tiny_features
 
 from fastratio.errors import UserError, run_cli
 from fastratio.evaluate import main as evaluate_main
@@ -21,43 +21,7 @@ from fastratio.fid import clean_resize, metric_features
 from fastratio.inception import inception_skeleton
 from fastratio.sample import main as sample_main
 
-
-def tiny_isc_extractor() -> str:
-    """A registered extractor with FID features and 10 logits for the Inception Score (fixed projections of pooled pixels)."""
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    class Extractor(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("feat", "logits_unbiased")
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "logits_unbiased" if metric == "isc" else "feat"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return None
-
-        def forward(self, x):
-            found = {"feat": tiny_features(x, 8), "logits_unbiased": 20 * tiny_features(x, 10)}
-            return tuple(found[name] for name in self.features_list)
-
-    name = "fastratio-tiny-isc"
-    if name not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(name, Extractor)
-    return name
-
-
-TINY = tiny_isc_extractor()
+TINY = tiny_feature_extractor(8, logits=10)
 
 
 def _pictures(n: int, seed: int, size=(16, 16)) -> np.ndarray:

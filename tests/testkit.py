@@ -62,8 +62,9 @@ def tiny_features(images: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1) @ proj.to(images.device)
 
 
-def tiny_feature_extractor(dim: int) -> str:
-    """Register ``tiny_features`` of width dim with torch-fidelity (the Inception weights are not in CI); returns its name."""
+def tiny_feature_extractor(dim: int, logits: int = 0) -> str:
+    """Register ``tiny_features`` of width dim with torch-fidelity (the Inception weights are not in CI); returns its name.
+    With ``logits``, also that many class logits (``logits_unbiased``: the Inception Score's input)."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -74,11 +75,11 @@ def tiny_feature_extractor(dim: int) -> str:
 
         @staticmethod
         def get_provided_features_list():
-            return ("feat",)
+            return ("feat", "logits_unbiased") if logits else ("feat",)
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
-            return "feat"
+            return "logits_unbiased" if metric == "isc" else "feat"
 
         @staticmethod
         def can_be_compiled():
@@ -89,9 +90,10 @@ def tiny_feature_extractor(dim: int) -> str:
             return None
 
         def forward(self, x):
-            return (tiny_features(x, dim),)
+            found = {"feat": lambda: tiny_features(x, dim), "logits_unbiased": lambda: 20 * tiny_features(x, logits)}
+            return tuple(found[name]() for name in self.features_list)
 
-    name = f"fastratio-tiny{dim}"
+    name = f"fastratio-tiny{dim}" + (f"-isc{logits}" if logits else "")
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(name, Extractor)
     return name
