@@ -33,7 +33,7 @@ def test_text_to_image_counts_through_build_networks_at_a_tiny_sd_size():
     """--size sd15's path (fastratio.tasks.text2image.build_networks on SD-layout parts under fake tensors)
     at a tiny UNet config: the ratio net is the UNet's encoder half plus its head, VSD's step outweighs
     DiffRatio's, and the memory the task holds outside the networks is counted."""
-    diffusers = step_cost._import_diffusers()
+    diffusers = step_cost.import_diffusers("bench")
     size = step_cost.SD_SIZES["sd-tiny"]
     dijs = step_cost.count_step("sd-tiny", "diffratio", "dijs", None, "bf16", False, aux_updates=1)
     vsd = step_cost.count_step("sd-tiny", "vsd", None, None, "bf16", False, aux_updates=1)

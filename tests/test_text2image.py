@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -79,8 +80,11 @@ def test_method_trains_checkpoints_and_resumes_after_sigkill(tmp_path, prompts, 
     assert state["step"] == 4 and state["sd"]["t_init"] == 999
 
     run = tmp_path / "killed"
+    # The killed process computes with this process's thread count (an xdist worker has fewer threads,
+    # and float sums then round differently): the comparison below is exact.
     proc = subprocess.Popen(_cmd(_overrides(method, run, prompts, "run.steps=1000")), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.time() + 300
     while not checkpoint.checkpoint_path(run, 2).exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
