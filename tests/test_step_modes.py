@@ -160,14 +160,16 @@ def test_graph_mode_replays_the_eager_unet_step(tmp_path, method, mode, precisio
 
 
 @on_gpu
+@pytest.mark.parametrize("split", [[], ["optim.batch_gpu=8"]], ids=["whole", "micro-batches"])
 @pytest.mark.parametrize("method", ["diffratio", "vsd"])
-def test_graph_mode_replays_the_eager_run(tmp_path, method):
+def test_graph_mode_replays_the_eager_run(tmp_path, method, split):
     """Step 1 records, step 2 compiles, step 3 is captured; replays must draw fresh numbers from the
-    registered generator exactly as eager steps draw them."""
+    registered generator exactly as eager steps draw them. With optim.batch_gpu the micro-batch loop
+    is inside the captured step, against eager steps at the whole batch."""
     common = ["run.device=cuda", "run.kernels=auto", "run.steps=6", "run.ckpt_every=6", "step.warmup_steps=1", f"method.name={method}"]
     eager = train(_cfg(tmp_path / "eager", *common))
     torch._dynamo.reset()
-    graph = train(_cfg(tmp_path / "graph", *common, "step.mode=graph"))
+    graph = train(_cfg(tmp_path / "graph", *common, "step.mode=graph", *split))
     rows = list(zip(read_jsonl(eager / "metrics.jsonl"), read_jsonl(graph / "metrics.jsonl"), strict=True))
     assert len(rows) == 6
     for a, b in rows:
