@@ -305,30 +305,34 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _compare(summary: dict, a: str, b: str, key: str = "fid") -> tuple[str, str]:
-    """(verdict, evidence) for "a has a lower mean `key` than b": confirmed or reversed when the means
-    differ by more than the two seed standard deviations together, else inconclusive; with a single
-    seed no verdict, only which is lower."""
+    """(verdict, evidence) for "a has a lower mean `key` than b": "confirmed" or "reversed" when the
+    means differ by more than the two seed standard deviations together, else "not confirmed" (within
+    the spread, or one seed on both sides: no spread, so a difference is not a verdict). A reference
+    measured once (the generator at step 0) has no spread of its own: the other side's decides."""
     if a not in summary or b not in summary:
         return "not measured", f"{a if a not in summary else b} has no samples (diverged or not run)"
     (ma, sa, na), (mb, sb, nb) = summary[a][key], summary[b][key]
     scale, label = (1e3, "KID x1e3") if key == "kid" else (1.0, key.upper())
     evidence = (f"{label} {a} {ma * scale:.2f} ± {sa * scale:.2f} vs {b} {mb * scale:.2f} ± {sb * scale:.2f} "
                 f"({min(na, nb)} seed{'s' * (min(na, nb) > 1)})")
-    if min(na, nb) < 2:  # one seed has no spread: a difference is not a verdict
-        return f"1 seed, no spread ({a if ma < mb else b} lower)", evidence
+    if max(na, nb) < 2:
+        return "not confirmed", f"{evidence}, no spread: {a if ma < mb else b} lower"
     if ma + sa < mb - sb:
         return "confirmed", evidence
     if ma - sa > mb + sb:
-        return "not confirmed (reversed)", evidence
-    return "inconclusive within seed spread", evidence
+        return "reversed", evidence
+    return "not confirmed", f"{evidence}, within the spread"
 
 
 def _compare_both(summary: dict, a: str, b: str) -> tuple[str, str]:
-    """FID and KID must agree for a verdict; otherwise it is reported as mixed."""
+    """FID and KID must agree for "confirmed" or "reversed"; where they do not, "not confirmed"."""
     (fid_v, fid_e), (kid_v, kid_e) = _compare(summary, a, b, "fid"), _compare(summary, a, b, "kid")
-    kid_e = kid_e.split(" (")[0]  # the seed count is in the FID half
-    verdict = fid_v if fid_v == kid_v else f"mixed (FID: {fid_v}; KID: {kid_v})"
-    return verdict, f"{fid_e}; {kid_e}"
+    if fid_v == kid_v == "not measured":
+        return fid_v, fid_e
+    kid_e = kid_e.replace(kid_e[kid_e.index(" ("):kid_e.index(")") + 1], "")  # the seed count is in the FID half
+    verdict = fid_v if fid_v == kid_v else "not confirmed"
+    mixed = "" if fid_v == kid_v else f" (FID: {fid_v}, KID: {kid_v})"
+    return verdict, f"{fid_e}; {kid_e}{mixed}"
 
 
 def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -348,7 +352,7 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
         # One seed: KID's spread over feature subsets is the yardstick.
         better = best["kid"] + best["kid_std"] < one["kid"] - one["kid_std"]
         worse = best["kid"] - best["kid_std"] > one["kid"] + one["kid_std"]
-        verdict = "confirmed" if better else "not confirmed (reversed)" if worse else "inconclusive within KID spread"
+        verdict = "confirmed" if better else "reversed" if worse else "not confirmed"
         out.append(("(5) verifier: best-of-N improves the one-step model", verdict,
                     (f"FID {fids}; KID x1e3 N=1 {one['kid'] * 1e3:.2f} ± {one['kid_std'] * 1e3:.2f} vs N={max(by_n)} "
                      f"{best['kid'] * 1e3:.2f} ± {best['kid_std'] * 1e3:.2f} (seed 0)")))

@@ -88,3 +88,21 @@ def test_paper_claims_missing_data_file_is_one_line(tmp_path):
     missing = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
     with pytest.raises(UserError, match=f"{missing} not found; put MNIST's IDX files"):
         claims.main(["--data", "mnist", "--out-dir", str(tmp_path), "--set", f"data.path={missing}"])
+
+
+def test_verdicts_are_confirmed_reversed_or_not_confirmed_against_the_seed_spread():
+    compare = _claims()._compare_both
+    row = lambda fid, kid, std, n: {"fid": (fid, std, n), "kid": (kid, std / 1000, n)}  # noqa: E731
+    summary = {"a": row(10.0, 0.010, 1.0, 3), "b": row(13.0, 0.013, 1.0, 3), "close": row(11.5, 0.0115, 1.0, 3),
+               "one": row(10.0, 0.010, 0.0, 1), "other": row(20.0, 0.020, 0.0, 1), "ref": row(30.0, 0.03, 0.0, 1),
+               "kid_only": {"fid": (10.0, 1.0, 3), "kid": (0.020, 0.001, 3)}}
+    assert compare(summary, "a", "b")[0] == "confirmed"            # 10 + 1 < 13 - 1, in FID and KID
+    assert compare(summary, "b", "a")[0] == "reversed"
+    verdict, evidence = compare(summary, "a", "close")            # 10 + 1 > 11.5 - 1
+    assert verdict == "not confirmed" and "within the spread" in evidence
+    verdict, evidence = compare(summary, "one", "other")          # one seed each: no spread, no verdict
+    assert verdict == "not confirmed" and "no spread: one lower" in evidence
+    assert compare(summary, "a", "ref")[0] == "confirmed"         # a once-measured reference: a's spread decides
+    verdict, evidence = compare(summary, "kid_only", "b")         # FID confirms, KID reverses
+    assert verdict == "not confirmed" and "(FID: confirmed, KID: reversed)" in evidence
+    assert compare(summary, "a", "missing") == ("not measured", "missing has no samples (diverged or not run)")
