@@ -193,7 +193,7 @@ class Judge:
             "kid": float(kid["kernel_inception_distance_mean"]),
             "kid_std": float(kid["kernel_inception_distance_std"]),
             "energy_distance": energy_distance(self._pixels(images), self.test_pixels),
-            "class_entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum()),
+            "class_entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum()) + 0.0,  # not -0.0 for one class
             "classes_covered": int((share >= 0.2 / probs.shape[1]).sum()),
             "confidence": float(probs.max(1).mean()),
         }
@@ -366,6 +366,20 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def sweep_markdown(sweep: dict) -> str:
+    """Each family's candidates at --sweep-steps, seed 0, the chosen one in bold ('' without a sweep)."""
+    if not sweep.get("rows"):
+        return ""
+    lines = [f"| family | weighting, smallest sigma ({sweep['steps']} steps, seed 0) | FID | KID x1e3 | classes | class entropy |",
+             "|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        mark = "**" if sweep["chosen"].get(r["sweep"]) == r["candidate"] else ""
+        cells = (f"{r['fid']:.2f} | {r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} | {r['classes_covered']} | {r['class_entropy'] + 0.0:.3f}"
+                 if "fid" in r else "diverged | | |")
+        lines.append(f"| {r['sweep']} | {mark}{r['candidate']}{mark} | {cells} |")
+    return "\n".join(lines)
+
+
 def claims_markdown(rows: list[dict]) -> str:
     lines = ["| claim | found here | evidence |", "|---|---|---|"]
     lines += [f"| {c} | {v} | {e} |" for c, v, e in claims(rows)]
@@ -468,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         if not results.is_file():
             raise UserError(f"--report: {results} not found; run without --report first")
-        rows = json.loads(results.read_text())["rows"]
-        print(markdown(rows) + "\n\n" + claims_markdown(rows))
+        result = json.loads(results.read_text())
+        rows = result["rows"]
+        print("\n\n".join(filter(None, [sweep_markdown(result.get("sweep", {})), markdown(rows), claims_markdown(rows)])))
         return 0
     if args.seeds < 1 or args.n < 2 or args.budget_minutes < 0:
         raise UserError(f"--seeds >= 1, --n >= 2 and --budget-minutes >= 0 (got {args.seeds}, {args.n}, {args.budget_minutes})")
@@ -558,9 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results()
     result = write_results()
     figure(grids, rows, args.figure or ROOT / "docs" / ("paper-claims.png" if args.data == "digits" else f"paper-claims-{args.data}.png"))
-    print(markdown(rows))
-    print()
-    print(claims_markdown(rows))
+    print("\n\n".join(filter(None, [sweep_markdown(result["sweep"]), markdown(rows), claims_markdown(rows)])))
     print(f"wrote {results} ({result['invocations'][-1]['wall_minutes']} min)")
     return 0
 

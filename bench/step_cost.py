@@ -2,7 +2,7 @@
 kernel launches, per phase and role, for every method, and a roofline time estimate for an H100.
 
     python bench/step_cost.py [--size tiny|cifar10|imagenet64|...] [--batch B ...] [--precision fp32|bf16] [--checkpointing]
-    python bench/step_cost.py --size sd15 [--checkpointing]    # SD1.5 text-to-image, batch 8 16 32 (docs/text2image-cost.md)
+    python bench/step_cost.py --size sd15 [--checkpointing]    # SD1.5 text-to-image, batch 8 16 32 (docs/text2image.md)
     python bench/step_cost.py --size cifar10 --batch 64 --batch-gpu 16 32   # the peak per micro-batch size (docs/batch.md)
 
 The trainer's own code runs (fastratio.tasks.image builds the networks, TrainStep/StepRunner run

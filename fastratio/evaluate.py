@@ -44,17 +44,18 @@ from .inference import draw_seeds, latent_decoder, load_model, load_verifier
 from .runinfo import environment
 from .runlog import append_line
 from .shard import SINGLE
+from .verifier import SELECT_RULES
 
 EDM_DRAWS = 3  # EDM's protocol: FID is the minimum over three draws of 50k at disjoint seeds
 
 
 def _generate(model, seeds: range, batch: int, device, verifier, best_of: int, steps: int, progress: bool,
-              to_pixels=None) -> torch.Tensor:
+              to_pixels=None, select: str = "max") -> torch.Tensor:
     """uint8 images of ``seeds``, each from its seed alone (fastratio.inference.draw_seeds)."""
     chunks = []
     for start in tqdm(range(0, len(seeds), batch), desc=f"generate N={best_of} seeds {seeds.start}-{seeds.stop - 1}",
                       disable=not progress, leave=False):
-        chunks.append(draw_seeds(model, seeds[start : start + batch], device, None, steps, verifier, best_of, to_pixels=to_pixels).cpu())
+        chunks.append(draw_seeds(model, seeds[start : start + batch], device, None, steps, verifier, best_of, to_pixels=to_pixels, select=select).cpu())
     return torch.cat(chunks)
 
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=("edm",), help=f"edm: {EDM_DRAWS} draws (seeds 0-49999, 50000-99999, 100000-149999 "
                                                              "for --n 50000), each reported, FID their minimum")
     parser.add_argument("--best-of", type=int, nargs="+", default=[1], help="N values for the FID-vs-N curve")
+    parser.add_argument("--select", choices=SELECT_RULES, default="max",
+                        help="--best-of: keep the most real candidate, or resample in proportion to exp(realness) (docs/verifier.md)")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--steps", type=int, default=18, help="Heun steps for teacher checkpoints")
     parser.add_argument("--data-kind", choices=DATASET_KINDS, help="override the checkpoint config's data.kind")
@@ -221,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     for best_of in args.best_of:
         for draw in range(draws):
             seeds = range(draw * args.n, (draw + 1) * args.n)
-            fake = _generate(model, seeds, args.batch, device, verifier, best_of, args.steps, not args.no_progress, to_pixels)
+            fake = _generate(model, seeds, args.batch, device, verifier, best_of, args.steps, not args.no_progress, to_pixels,
+                             args.select)
             row = {**env, "checkpoint": str(args.checkpoint), "step": state.get("step"), "n": args.n, "seed": draw,
-                   "seeds": f"{seeds.start}-{seeds.stop - 1}", "best_of": best_of, "protocol": args.protocol, **score(fake)}
+                   "seeds": f"{seeds.start}-{seeds.stop - 1}", "best_of": best_of, "select": args.select if best_of > 1 else None,
+                   "protocol": args.protocol, **score(fake)}
             rows.append(row)
             append_line(out, json.dumps(row), "--out")
             print(f"N={best_of} seeds {row['seeds']}: {_line(row)}")

@@ -21,7 +21,7 @@ from .networks.from_denoiser import OneStepGenerator
 from .networks.image import RatioUNet
 from .networks.unet import Precond
 from .sampler import heun_sample
-from .verifier import DEFAULT_SIGMAS, best_of_n, realness
+from .verifier import DEFAULT_SIGMAS, best_of_n, realness, selection_gumbel
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -140,9 +140,11 @@ def seed_sampler(denoiser: Precond, seeds: Sequence[int], device: torch.device, 
 
 
 def generate(model, sample_latent: Callable, n: int, rng: torch.Generator | None, steps: int = 18,
-             verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS) -> torch.Tensor:
+             verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS,
+             gumbel: torch.Tensor | None = None) -> torch.Tensor:
     """n samples of the noise ``sample_latent`` draws: Heun for a teacher, one step for a generator,
-    best of ``best_of`` with a verifier. Unclamped, as the network made them."""
+    best of ``best_of`` with a verifier (resampled with ``gumbel``: fastratio.verifier). Unclamped, as
+    the network made them."""
     if not isinstance(model, OneStepGenerator):
         z, labels = sample_latent(n, rng)
         # EDM's generate.py: the schedule stays inside the noise levels the network supports.
@@ -155,27 +157,32 @@ def generate(model, sample_latent: Callable, n: int, rng: torch.Generator | None
     def score(x, labels):
         return realness(verifier, x, sigmas, labels, verifier.schedule)
 
-    x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng)
+    x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng, gumbel=gumbel)
     return x
 
 
 @torch.no_grad()
 def sample(model, n: int, seed: int, device: torch.device, class_index: int | None, steps: int,
-           verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, pixels: bool = True) -> torch.Tensor:
+           verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, pixels: bool = True,
+           select: str = "max") -> torch.Tensor:
     """n samples of one noise stream seeded by ``seed`` (grids, in-loop evaluation). Pixels are clamped
     to [-1, 1]; latents (``pixels=False``) are returned as the network made them."""
     sample_latent = latent_sampler(denoiser_of(model), device, class_index)
-    out = generate(model, sample_latent, n, torch.Generator(device).manual_seed(seed), steps, verifier, best_of, sigmas)
+    gumbel = selection_gumbel([seed], n * best_of) if select == "resample" else None
+    out = generate(model, sample_latent, n, torch.Generator(device).manual_seed(seed), steps, verifier, best_of, sigmas, gumbel)
     return out.clamp(-1, 1) if pixels else out
 
 
 @torch.no_grad()
 def draw_seeds(model, seeds: Sequence[int], device: torch.device, class_index: int | None = None, steps: int = 18,
-               verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, to_pixels=None) -> torch.Tensor:
-    """uint8 images [len(seeds), C, H, W], image i drawn from seeds[i] alone (``seed_draw``), so the same
-    whatever the batch it is drawn in; ``to_pixels`` decodes a latent model's output."""
+               verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, to_pixels=None,
+               select: str = "max") -> torch.Tensor:
+    """uint8 images [len(seeds), C, H, W], image i drawn from seeds[i] alone (``seed_draw``; with
+    ``select="resample"`` its selection noise too), so the same whatever the batch it is drawn in;
+    ``to_pixels`` decodes a latent model's output."""
     sample_latent = seed_sampler(denoiser_of(model), seeds, device, class_index)
-    x = generate(model, sample_latent, len(seeds), None, steps, verifier, best_of, sigmas)
+    gumbel = selection_gumbel(seeds, best_of) if select == "resample" else None
+    x = generate(model, sample_latent, len(seeds), None, steps, verifier, best_of, sigmas, gumbel)
     return to_uint8(x) if to_pixels is None else to_pixels(x)
 
 

@@ -49,7 +49,7 @@ from .inference import (
 )
 from .networks.from_denoiser import OneStepGenerator
 from .networks.sd import decode_latents, generator_from_checkpoint
-from .verifier import DEFAULT_SIGMAS
+from .verifier import DEFAULT_SIGMAS, SELECT_RULES
 
 MAX_SEED = 2**32 - 1  # EDM's seeds are 32-bit (it seeds each generator with seed % 2**32)
 MAX_SEEDS = 10_000_000  # one --seeds list (EDM's protocol draws 150,000)
@@ -134,7 +134,8 @@ def _image_drawer(args, device: torch.device):
     class_count(denoiser_of(model), args.class_index)  # --class checked before anything is drawn
 
     def draw(seeds: list[int]) -> torch.Tensor:
-        return draw_seeds(model, seeds, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas), to_pixels)
+        return draw_seeds(model, seeds, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas), to_pixels,
+                          args.select)
 
     return draw, lambda seeds: seed_labels(seeds, denoiser_of(model), args.class_index)
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="grid PNG path (default: next to the checkpoint)")
     parser.add_argument("--best-of", type=int, default=1, metavar="N", help="keep the most real of N candidates per image (ratio-net verifier)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="verifier noise levels")
+    parser.add_argument("--select", choices=SELECT_RULES, default="max",
+                        help="--best-of: keep the most real candidate, or resample in proportion to exp(realness) (docs/verifier.md)")
     parser.add_argument("--vae", help="AutoencoderKL that decodes a latent model's samples (default: the one the run recorded)")
     parser.add_argument("--prompt", help="text-to-image: the prompt of every image")
     parser.add_argument("--prompts", type=Path, help="text-to-image: a .txt or .jsonl of prompts, one image each")
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "-samples.png")
     to_pixels = latent_decoder(state, args.vae, args.checkpoint, device)
     images = sample(model, args.n, args.seed, device, args.class_index, args.steps, verifier, args.best_of, tuple(args.sigmas),
-                    pixels=to_pixels is None)
+                    pixels=to_pixels is None, select=args.select)
     save_grid(images if to_pixels is None else to_pixels(images), out, scale=2)
     print(f"wrote {out}")
     return 0

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from testkit import tiny_feature_extractor
 
 from fastratio.errors import UserError
@@ -12,11 +13,14 @@ from fastratio.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _claims():
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "bench" / "paper_claims.py")
+def _bench(name: str = "paper_claims"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_claims = _bench
 
 
 def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
@@ -50,6 +54,21 @@ def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
     assert claims.main(args + ["--report"]) == 0
     assert capsys.readouterr().out.strip() in table
 
+    # bench/verifier_study.py on the DiJS run: every net, rule and N measured, in one JSON.
+    study = _bench("verifier_study")
+    ckpt = max((tmp_path / "runs" / "digits" / "dijs-seed0").glob("ckpt-*.pt"))
+    assert study.main([str(ckpt), "--n", "8", "--refit-steps", "50", "--feature-extractor", tiny_feature_extractor(16),
+                       "--device", "cpu", "--out", str(tmp_path / "verifier.json")]) == 0
+    found = json.loads((tmp_path / "verifier.json").read_text())
+    assert len(found["refit"]["loss_every_50"]) == 1 and found["step"] == plan["steps"]
+    assert {(r["net"], r["sigma"]) for r in found["calibration"]} == \
+           {(net, s) for net in ("ema", "live", "refit") for s in (*study.SIGMA_GRID, "default")}
+    assert all(0 <= r["auc"] <= 1 for r in found["calibration"])
+    assert len(found["best_of"]) == 1 + 3 * 2 * len(study.BEST_OF) + len(study.SIGMA_GRID)
+    assert all(r["fid"] >= 0 and 1 <= r["classes_covered"] <= 10 for r in found["best_of"])
+    assert all(abs(sum(shares) - 1) < 0.01 for shares in found["picks"].values())
+    capsys.readouterr()
+
     # A rerun reuses the plan, the finished runs and the measures: same rows, no training.
     ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")}
     assert claims.main(args) == 0
@@ -61,7 +80,7 @@ def test_paper_claims_tiny_digits_end_to_end(tmp_path, capsys):
            [{k: v for k, v in r.items() if k not in strip} for r in result["rows"]]
 
 
-def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_path):
+def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_path, capsys):
     """--sweep-steps: VSD's six candidates (weighting x smallest sigma) train at seed 0, the lowest FID is
     chosen, and the comparison's VSD run trains with those overrides in its own folder."""
     claims = _claims()
@@ -81,6 +100,11 @@ def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_
     weighting, smin = best.split("_")
     assert cfg.noise.weighting == weighting[2:] and f"smin{cfg.noise.sigma_min:g}" == smin and cfg.run.steps == 2
     assert len(result["invocations"]) == 1
+    # --report shows the sweep beside the comparison, the chosen candidate in bold.
+    capsys.readouterr()
+    assert claims.main(args + ["--report"]) == 0
+    report = capsys.readouterr().out
+    assert f"| vsd | **{best}** |" in report and report.count("| vsd | w=") == len(claims.SWEEP["vsd"]) - 1
 
 
 def test_paper_claims_missing_data_file_is_one_line(tmp_path):
@@ -92,7 +116,7 @@ def test_paper_claims_missing_data_file_is_one_line(tmp_path):
 
 def test_verdicts_are_confirmed_reversed_or_not_confirmed_against_the_seed_spread():
     compare = _claims()._compare_both
-    row = lambda fid, kid, std, n: {"fid": (fid, std, n), "kid": (kid, std / 1000, n)}  # noqa: E731
+    row = lambda fid, kid, std, n: {"fid": (fid, std, n), "kid": (kid, std / 1000, n)}
     summary = {"a": row(10.0, 0.010, 1.0, 3), "b": row(13.0, 0.013, 1.0, 3), "close": row(11.5, 0.0115, 1.0, 3),
                "one": row(10.0, 0.010, 0.0, 1), "other": row(20.0, 0.020, 0.0, 1), "ref": row(30.0, 0.03, 0.0, 1),
                "kid_only": {"fid": (10.0, 1.0, 3), "kid": (0.020, 0.001, 3)}}
@@ -106,3 +130,13 @@ def test_verdicts_are_confirmed_reversed_or_not_confirmed_against_the_seed_sprea
     verdict, evidence = compare(summary, "kid_only", "b")         # FID confirms, KID reverses
     assert verdict == "not confirmed" and "(FID: confirmed, KID: reversed)" in evidence
     assert compare(summary, "a", "missing") == ("not measured", "missing has no samples (diverged or not run)")
+
+
+def test_the_study_keeps_the_most_real_or_resamples_in_proportion_to_exp_realness():
+    select = _bench("verifier_study").select
+    score = torch.tensor([[0.0, 3.0, 1.0, 9.0], [2.0, 0.0, 0.0, 0.0]])
+    assert select(score, 4, "max", 0).tolist() == [3, 0] and select(score, 2, "max", 0).tolist() == [1, 0]
+    # Resampling: P(i) = exp(s_i) / sum_j exp(s_j) among the first N candidates.
+    draws = torch.stack([select(torch.log(torch.tensor([[1.0, 3.0, 0.0, 0.0]])), 3, "resample", seed) for seed in range(4000)])
+    share = torch.bincount(draws.reshape(-1), minlength=4).double() / 4000
+    assert abs(share[1] - 0.75) < 0.03 and abs(share[0] - 0.25) < 0.03 and share[2:].sum() == 0

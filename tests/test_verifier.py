@@ -11,7 +11,7 @@ from fastratio.estimators import shifted_ring
 from fastratio.networks.mlp import MLPRatio
 from fastratio.optim import make_adam
 from fastratio.step import Networks, TrainStep
-from fastratio.verifier import best_of_n, realness
+from fastratio.verifier import best_of_n, realness, selection_gumbel
 
 
 def test_best_of_n_reduces_energy_distance_and_the_oracle_does_at_least_as_well():
@@ -49,12 +49,17 @@ def test_best_of_n_reduces_energy_distance_and_the_oracle_does_at_least_as_well(
 
     reference = p32.sample(2000, torch.Generator().manual_seed(9))
     distances = {}
-    for name, score, n in (("n1", learned, 1), ("learned", learned, 8), ("oracle", oracle, 8)):
+    for name, score, n, rule in (("n1", learned, 1, "max"), ("learned", learned, 8, "max"), ("oracle", oracle, 8, "max"),
+                                 ("learned_resample", learned, 8, "resample"), ("oracle_resample", oracle, 8, "resample")):
         gen_rng = torch.Generator().manual_seed(1)
-        x, _, _ = best_of_n(gen, sample_latent, score, 2000, n, torch.Generator().manual_seed(2), chunk=4096)
+        gumbel = selection_gumbel([3], 2000 * n) if rule == "resample" else None
+        x, _, _ = best_of_n(gen, sample_latent, score, 2000, n, torch.Generator().manual_seed(2), chunk=4096, gumbel=gumbel)
         distances[name] = toy.energy_distance(x, reference)
     assert distances["learned"] < 0.7 * distances["n1"], distances
     assert distances["oracle"] <= distances["learned"] * 1.05, distances
+    # Resampling in proportion to the exact p/q moves q toward p as well.
+    assert distances["oracle_resample"] < 0.7 * distances["n1"], distances
+    assert distances["learned_resample"] < distances["n1"], distances
 
 
 def test_best_of_n_keeps_the_top_scored_candidate_and_the_group_class():
@@ -73,3 +78,21 @@ def test_best_of_n_keeps_the_top_scored_candidate_and_the_group_class():
     want = [max((10 * z + classes[g] for z in range(4 * g, 4 * g + 4)), key=lambda v: v % 40) for g in range(3)]
     assert x[:, 0].tolist() == want and labels.argmax(1).tolist() == classes
     assert scores.tolist() == [w % 40 for w in want]
+
+
+def test_resampling_keeps_a_candidate_in_proportion_to_exp_score_from_each_seeds_own_stream():
+    def sample_latent(k, g):
+        return torch.arange(k, dtype=torch.float32)[:, None], None
+
+    def score(x, labels):  # candidate 1 of each pair is three times as likely as candidate 0
+        return torch.where(x[:, 0] % 2 == 1, torch.log(torch.tensor(3.0)), torch.tensor(0.0))
+
+    seeds = range(20000)
+    gumbel = selection_gumbel(seeds, 2)
+    x, _, scores = best_of_n(lambda z, labels: z, sample_latent, score, len(seeds), 2, torch.Generator(), chunk=4096, gumbel=gumbel)
+    share = float((x[:, 0] % 2 == 1).double().mean())
+    assert abs(share - 0.75) < 0.01, share  # 3 standard errors at n = 20000
+    assert torch.equal(scores, score(x, None))  # the kept candidate's own score, not the pair's maximum
+    # Seed s's noise is its own: the same whatever seeds surround it, and apart from its noise stream.
+    assert torch.equal(selection_gumbel([5, 6], 2)[2:], selection_gumbel([6], 2))
+    assert not torch.equal(selection_gumbel([6], 2), selection_gumbel([7], 2))
