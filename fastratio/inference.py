@@ -178,8 +178,9 @@ def draw_seeds(model, seeds: Sequence[int], device: torch.device, class_index: i
                verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, to_pixels=None,
                select: str = "max") -> torch.Tensor:
     """uint8 images [len(seeds), C, H, W], image i drawn from seeds[i] alone (``seed_draw``; with
-    ``select="resample"`` its selection noise too), so the same whatever the batch it is drawn in;
-    ``to_pixels`` decodes a latent model's output."""
+    ``select="resample"`` its selection noise too), so the same whatever the batch it is drawn in,
+    except that best-of-N's scoring noise is that of a candidate's row in the batch
+    (fastratio.verifier.realness); ``to_pixels`` decodes a latent model's output."""
     sample_latent = seed_sampler(denoiser_of(model), seeds, device, class_index)
     gumbel = selection_gumbel(seeds, best_of) if select == "resample" else None
     x = generate(model, sample_latent, len(seeds), None, steps, verifier, best_of, sigmas, gumbel)
