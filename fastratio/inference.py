@@ -141,7 +141,7 @@ def seed_sampler(denoiser: Precond, seeds: Sequence[int], device: torch.device, 
 
 def generate(model, sample_latent: Callable, n: int, rng: torch.Generator | None, steps: int = 18,
              verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS,
-             gumbel: torch.Tensor | None = None) -> torch.Tensor:
+             gumbel: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """n samples of the noise ``sample_latent`` draws: Heun for a teacher, one step for a generator,
     best of ``best_of`` with a verifier (resampled with ``gumbel``: fastratio.verifier). Unclamped, as
     the network made them."""
@@ -154,10 +154,10 @@ def generate(model, sample_latent: Callable, n: int, rng: torch.Generator | None
         z, labels = sample_latent(n, rng)
         return model(z, labels)
 
-    def score(x, labels):
-        return realness(verifier, x, sigmas, labels, verifier.schedule)
+    def score(x, labels, row_keys=None):
+        return realness(verifier, x, sigmas, labels, verifier.schedule, keys=row_keys)
 
-    x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng, gumbel=gumbel)
+    x, _, _ = best_of_n(model, sample_latent, score, n, best_of, rng, gumbel=gumbel, keys=keys)
     return x
 
 
@@ -177,13 +177,13 @@ def sample(model, n: int, seed: int, device: torch.device, class_index: int | No
 def draw_seeds(model, seeds: Sequence[int], device: torch.device, class_index: int | None = None, steps: int = 18,
                verifier: RatioUNet | None = None, best_of: int = 1, sigmas=DEFAULT_SIGMAS, to_pixels=None,
                select: str = "max") -> torch.Tensor:
-    """uint8 images [len(seeds), C, H, W], image i drawn from seeds[i] alone (``seed_draw``; with
-    ``select="resample"`` its selection noise too), so the same whatever the batch it is drawn in,
-    except that best-of-N's scoring noise is that of a candidate's row in the batch
-    (fastratio.verifier.realness); ``to_pixels`` decodes a latent model's output."""
+    """uint8 images [len(seeds), C, H, W], image i drawn from seeds[i] alone (``seed_draw``; best-of-N's
+    scoring noise keyed by (seed, candidate), and with ``select="resample"`` its selection noise too),
+    so the same whatever the batch it is drawn in; ``to_pixels`` decodes a latent model's output."""
     sample_latent = seed_sampler(denoiser_of(model), seeds, device, class_index)
     gumbel = selection_gumbel(seeds, best_of) if select == "resample" else None
-    x = generate(model, sample_latent, len(seeds), None, steps, verifier, best_of, sigmas, gumbel)
+    keys = torch.tensor([s * best_of + j for s in seeds for j in range(best_of)], dtype=torch.int64) if best_of > 1 else None
+    x = generate(model, sample_latent, len(seeds), None, steps, verifier, best_of, sigmas, gumbel, keys)
     return to_uint8(x) if to_pixels is None else to_pixels(x)
 
 

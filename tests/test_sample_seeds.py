@@ -107,16 +107,18 @@ def test_a_stopped_run_restarts_where_it_was_and_class_fixes_the_label(tiny, tmp
     assert sample_main([str(ckpt), "--n", "4", "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0  # the grid mode still works
 
 
-def test_best_of_n_resamples_from_the_same_candidates_and_repeats_itself(tiny, tmp_path):
+def test_best_of_n_by_either_rule_gives_a_seed_the_same_image_whatever_its_batch(tiny, tmp_path):
     ckpt, _ = tiny
     files = {}
-    for rule, name in (("max", "max"), ("resample", "resample"), ("resample", "again")):
-        assert sample_main([str(ckpt), "--seeds", "0-15", "--outdir", str(tmp_path / name), "--batch", "16", "--best-of", "4",
-                            "--select", rule, "--device", "cpu"]) == 0
-        files[name] = _files(tmp_path / name)
-    assert files["resample"] == files["again"] and files["max"] != files["resample"]
+    for rule in ("max", "resample"):
+        for batch in ("1", "16"):
+            out = tmp_path / f"{rule}{batch}"
+            assert sample_main([str(ckpt), "--seeds", "0-15", "--outdir", str(out), "--batch", batch, "--best-of", "4",
+                                "--select", rule, "--device", "cpu"]) == 0
+            files[rule, batch] = _files(out)
+        assert files[rule, "1"] == files[rule, "16"]
     # The same candidates, kept by another rule: most seeds keep the same one, some another.
-    assert 0 < sum(files["max"][k] != files["resample"][k] for k in files["max"]) < 16
+    assert 0 < sum(files["max", "1"][k] != files["resample", "1"][k] for k in files["max", "1"]) < 16
 
 
 @pytest.mark.parametrize("argv, message", [
