@@ -380,6 +380,12 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict) -> str:
+    """The sweep, the comparison and the claims of a results file, as Markdown tables."""
+    rows = result["rows"]
+    return "\n\n".join(filter(None, [sweep_markdown(result.get("sweep", {})), markdown(rows), claims_markdown(rows)]))
+
+
 def claims_markdown(rows: list[dict]) -> str:
     lines = ["| claim | found here | evidence |", "|---|---|---|"]
     lines += [f"| {c} | {v} | {e} |" for c, v, e in claims(rows)]
@@ -482,9 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         if not results.is_file():
             raise UserError(f"--report: {results} not found; run without --report first")
-        result = json.loads(results.read_text())
-        rows = result["rows"]
-        print("\n\n".join(filter(None, [sweep_markdown(result.get("sweep", {})), markdown(rows), claims_markdown(rows)])))
+        print(report(json.loads(results.read_text())))
         return 0
     if args.seeds < 1 or args.n < 2 or args.budget_minutes < 0:
         raise UserError(f"--seeds >= 1, --n >= 2 and --budget-minutes >= 0 (got {args.seeds}, {args.n}, {args.budget_minutes})")
@@ -573,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results()
     result = write_results()
     figure(grids, rows, args.figure or ROOT / "docs" / ("paper-claims.png" if args.data == "digits" else f"paper-claims-{args.data}.png"))
-    print("\n\n".join(filter(None, [sweep_markdown(result["sweep"]), markdown(rows), claims_markdown(rows)])))
+    print(report(result))
     print(f"wrote {results} ({result['invocations'][-1]['wall_minutes']} min)")
     return 0
 

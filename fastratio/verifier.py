@@ -79,9 +79,10 @@ def best_of_n(
         x = generator(zc, lc)
         scores = (score(x, lc) if keys is None else score(x, lc, keys[i : i + per_chunk])).reshape(-1, n_candidates)
         ranked = scores if gumbel is None else scores + gumbel[i : i + per_chunk].to(scores).reshape(-1, n_candidates)
-        index = torch.arange(scores.shape[0], device=x.device) * n_candidates + ranked.argmax(dim=1)
+        pick = ranked.argmax(dim=1)
+        index = torch.arange(scores.shape[0], device=x.device) * n_candidates + pick
         kept.append(x[index])
         kept_labels.append(None if lc is None else lc[index])
-        kept_scores.append(scores.gather(1, ranked.argmax(dim=1, keepdim=True)).squeeze(1))
+        kept_scores.append(scores.gather(1, pick[:, None]).squeeze(1))
     labels_out = None if labels is None else torch.cat(kept_labels)
     return torch.cat(kept), labels_out, torch.cat(kept_scores)
