@@ -368,6 +368,8 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 def sweep_markdown(sweep: dict) -> str:
     """Each family's candidates at --sweep-steps, seed 0, the chosen one in bold ('' without a sweep)."""
+    if "from" in sweep:
+        return "Configurations chosen by the sweep of " + sweep["from"] + ": " + ", ".join(f"{f} {c}" for f, c in sweep["chosen"].items())
     if not sweep.get("rows"):
         return ""
     lines = [f"| family | weighting, smallest sigma ({sweep['steps']} steps, seed 0) | FID | KID x1e3 | classes | class entropy |",
@@ -440,6 +442,20 @@ def _run_method(stage2, name: str, overrides: list[str], teacher: Path, run_dir:
     return ({**row, "diverged": diverged} if ckpt is None else row), ckpt
 
 
+def _chosen_from(results: Path) -> dict[str, str]:
+    """The {family: candidate} a sweep chose in another results file; a candidate this SWEEP lacks is refused."""
+    try:
+        chosen = json.loads(results.read_text())["sweep"]["chosen"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"--configurations-from {results}: no sweep's choice readable ({type(err).__name__}: {err})") from None
+    if not isinstance(chosen, dict) or not chosen:
+        raise UserError(f"--configurations-from {results}: its sweep chose nothing")
+    for family, candidate in chosen.items():
+        if candidate not in SWEEP.get(family, {}):
+            raise UserError(f"--configurations-from {results}: sweep.chosen.{family} = {candidate!r} is not a candidate here")
+    return chosen
+
+
 def sweep(args, out: Path, stage2, teacher: Path, cache: MeasureCache, device) -> tuple[dict, list[dict]]:
     """Each swept family's candidates at seed 0 and --sweep-steps: ({family: chosen candidate}, rows).
     The lowest FID is chosen (a diverged candidate never is)."""
@@ -472,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-steps", type=int, default=0,
                         help="first train each family's candidate configurations (SWEEP) this many steps at seed 0, "
                              "and compare each method at its family's best (0: the config as it is)")
+    parser.add_argument("--configurations-from", type=Path, metavar="RESULTS",
+                        help="instead of sweeping here, take each family's configuration from the sweep of this "
+                             "results file (e.g. bench/results/paper_claims_digits.json)")
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: the config's, or a fifth of the budget)")
     parser.add_argument("--inception", default=str(ROOT / "data" / "inception.pth"),
                         help="torch-fidelity Inception weights (python -m fastratio.tools.convert_inception; see ../shared/DATA.md)")
@@ -529,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     start = _generate(init, args.n, 1000, device)
     rows.append({"method": "generator_init", "seed": 0, "best_of": 1, "n": args.n, "steps": 0, **cache.measure("generator_init", start)})
     grids = {"real (train)": train_set.images[:64], f"teacher, {rows[1]['nfe']} NFE": heun[:64], "generator at step 0": start[:64]}
-    chosen, sweep_rows = sweep(args, out, stage2, teacher, cache, device) if args.sweep_steps else ({}, [])
+    if args.configurations_from:
+        chosen, sweep_rows = _chosen_from(args.configurations_from), []
+    else:
+        chosen, sweep_rows = sweep(args, out, stage2, teacher, cache, device) if args.sweep_steps else ({}, [])
     configured = {m: METHODS[m] + SWEEP[SWEEP_FROM.get(m, m)].get(chosen.get(SWEEP_FROM.get(m, m)), []) for m in args.methods}
 
     previous = _previous_invocations(results, plan)
@@ -540,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             "test_n": args.test_n, "test_images": int(test_set.images.shape[0]), "feature_extractor": args.feature_extractor,
             "classifier_test_accuracy": judge.classifier_accuracy(test_set.images, test_set.labels),
             "configs": {"teacher": config.to_dict(teacher_cfg), "stage2": config.to_dict(stage2)}, "methods": configured,
-            "sweep": {"steps": args.sweep_steps, "chosen": chosen, "candidates": {f: SWEEP[f] for f in chosen}, "rows": sweep_rows},
+            "sweep": {"steps": args.sweep_steps, "chosen": chosen, "candidates": {f: SWEEP[f] for f in chosen}, "rows": sweep_rows,
+                      **({"from": str(args.configurations_from)} if args.configurations_from else {})},
             # Every invocation on this plan, oldest first (a rerun reuses runs and measures: minutes, not an hour).
             "invocations": previous + [{"finished": time.strftime("%Y-%m-%d %H:%M"),
                                          "wall_minutes": round((time.time() - started) / 60, 1)}],

@@ -106,6 +106,23 @@ def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_
     report = capsys.readouterr().out
     assert f"| vsd | **{best}** |" in report and report.count("| vsd | w=") == len(claims.SWEEP["vsd"]) - 1
 
+    # --configurations-from: another campaign (here the same data, another results file) takes the
+    # sweep's choice without sweeping; the finished run of that configuration is reused.
+    i = args.index("--sweep-steps")
+    other = [a if a != str(tmp_path / "claims.json") else str(tmp_path / "other.json") for a in args[:i] + args[i + 2:]]
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")}
+    assert claims.main(other + ["--configurations-from", str(tmp_path / "claims.json")]) == 0
+    taken = json.loads((tmp_path / "other.json").read_text())
+    assert taken["methods"] == result["methods"] and taken["sweep"]["chosen"] == {"vsd": best} and taken["sweep"]["rows"] == []
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")} == ckpts
+    assert f"chosen by the sweep of {tmp_path / 'claims.json'}: vsd {best}" in claims.report(taken)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sweep": {"chosen": {"vsd": "w=unknown"}}}))
+    with pytest.raises(UserError, match=r"sweep.chosen.vsd = 'w=unknown' is not a candidate here"):
+        claims.main(other + ["--configurations-from", str(bad)])
+    with pytest.raises(UserError, match=r"--configurations-from .*missing.json: no sweep's choice readable"):
+        claims.main(other + ["--configurations-from", str(tmp_path / "missing.json")])
+
 
 def test_paper_claims_missing_data_file_is_one_line(tmp_path):
     claims = _claims()
