@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -95,8 +95,19 @@ def main() -> int:
     # The commit the runs start from (the tree may move on while they run).
     meta = environment(torch.device("cpu"))
     print(f"{len(cells)} runs under {work}, {args.jobs} at a time")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[int, dict] = {}
+
+    def write() -> None:  # after every finished cell, in cell order: a kill keeps what finished
+        text = json.dumps([{**meta, **done[i]} for i in sorted(done)], indent=1) + "\n"
+        atomic_write(args.out, lambda f: f.write(text.encode()))
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda cell: run_cell(*cell, args.extra, work), cells))
+        futures = {pool.submit(run_cell, *cell, args.extra, work): i for i, cell in enumerate(cells)}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            write()
+    rows = [done[i] for i in sorted(done)]
     print(f"{'mixture':>9} {'method':>6} {'seed':>4} {'modes':>6} {'mass TV':>8} {'ED x':>6} {'hq':>5} {'min':>5}  verdict")
     for r in rows:
         verdict = "pass" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
@@ -105,9 +116,6 @@ def main() -> int:
             continue
         print(f"{r['mixture']:>9} {r['method']:>6} {r['seed']:>4} {r['modes_covered']:>3}/{r['modes']:<2} {r['mass_tv']:>8.3f} "
               f"{r['energy_distance_ratio']:>6.2f} {r['high_quality']:>5.2f} {r['wall_seconds'] / 60:>5.1f}  {verdict}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps([{**meta, **r} for r in rows], indent=1) + "\n"
-    atomic_write(args.out, lambda f: f.write(text.encode()))
     return 0 if all(not r["failures"] for r in rows) else 1
 
 
