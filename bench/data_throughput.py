@@ -31,7 +31,7 @@ import torch
 
 from fastratio.data.stream import StreamSource
 from fastratio.data.write import write_dataset_zip
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.shard import SINGLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows, "needs": targets,
               "args": {k: str(v) for k, v in vars(args).items()}}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(args.out, result)
     return 0
 
 

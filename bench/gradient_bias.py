@@ -10,13 +10,12 @@ parameter budget, same steps and batch) and reports cosines to the exact DiKL gr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from fastratio.estimators import gradient_bias
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 
 KEYS = ("ratio_theta_cosine", "vsd_theta_cosine", "ratio_x_cosine", "vsd_x_cosine")
 
@@ -36,8 +35,7 @@ def main() -> int:
         print(f"{seed:>4} " + " ".join(f"{report[k]:>19.3f}" for k in KEYS))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in KEYS}
     print("mean " + " ".join(f"{mean[k]:>19.3f}" for k in KEYS))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(args.out, rows)
     return 0
 
 

@@ -17,7 +17,6 @@ JSON rows with device, versions and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from fastratio.kernels.generator_surrogate import generator_surrogate, generator_surrogate_reference
 from fastratio.kernels.noise_injection import noise_inject, noise_inject_reference
 from fastratio.kernels.ratio_weighting import ratio_weighting, ratio_weighting_reference
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import quantiles_ms
@@ -67,8 +66,7 @@ def compile_report(archs: list[str], subset: str, out: Path) -> int:
     import triton
 
     meta = {"torch": env["torch"], "triton": triton.__version__, "commit": env["commit"], "archs": archs, "subset": subset}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "ptxas": "triton wheel's bundled ptxas, -v", "seconds": time.perf_counter() - t0, "rows": rows}, indent=1) + "\n")
+    write_result(out, {**meta, "ptxas": "triton wheel's bundled ptxas, -v", "seconds": time.perf_counter() - t0, "rows": rows})
     print(f"{len(rows)} variants, {bad} with problems; wrote {out}")
     return 1 if bad else 0
 
@@ -131,8 +129,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = kernel_rows(args.batch, args.shape, device)
     out = args.out or Path(f"bench/results/kernels_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(out, rows)
     return 0
 
 

@@ -52,7 +52,7 @@ from fastratio.guard import TrainingDiverged
 from fastratio.images import to_uint8
 from fastratio.inception import INCEPTION
 from fastratio.inference import load_model, load_verifier, sample
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.runlog import read_jsonl
 from fastratio.toy import energy_distance
 from fastratio.train import train
@@ -117,10 +117,6 @@ def _load_cfg(name: str, data: str, overrides: list[str]) -> config.Config:
 
 def _derive(cfg: config.Config, overrides: list[str]) -> config.Config:
     return config.from_dict(config.apply_overrides(config.to_dict(cfg), overrides))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 def _finished(run_dir: Path, steps: int) -> Path | None:
@@ -217,7 +213,7 @@ class MeasureCache:
     def measure(self, name: str, images: torch.Tensor) -> dict:
         if name not in self.values:
             self.values[name] = self.judge.measure(images)
-            _write_json(self.path, {"signature": self.signature, "values": self.values})
+            write_result(self.path, {"signature": self.signature, "values": self.values})
         return self.values[name]
 
 
@@ -273,7 +269,7 @@ def _plan(args, out: Path, teacher_cfg, stage2, judge_rate: float) -> dict:
             plan["steps"] = max(10, min(plan["steps"], int(left / (args.seeds * sum(per_step.values()))) // 10 * 10))
         plan.update(seconds_per_step={"teacher": t_teacher, **per_step}, eval_seconds_estimate=eval_seconds)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, plan)
+    write_result(path, plan)
     return plan
 
 
@@ -570,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in claims(rows)],
         }
-        results.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(results, result)
+        write_result(results, result)
         return result
 
     for seed in range(args.seeds):

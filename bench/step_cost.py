@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import tempfile
@@ -67,7 +66,7 @@ from step_time import SIZES, _config
 from fastratio.draws import Draws
 from fastratio.hf import import_diffusers
 from fastratio.networks.denoisers import build_denoiser
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.runner import StepRunner
 from fastratio.shard import SINGLE
 from fastratio.step import TeacherStep, TrainStep
@@ -698,8 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                             [r for r in rows if (batch is None or r["batch"] == batch) and r["batch_gpu"] == (batch_gpu or r["batch"])])
     micro = "_batchgpu" + "-".join(map(str, args.batch_gpu)) if any(args.batch_gpu) else ""  # leave the unsplit table in place
     out = args.out or Path(f"bench/results/step_cost_{args.size}_{args.precision}{'_ckpt' if args.checkpointing else ''}{micro}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(out, rows)
     print(f"wrote {out}")
     return 0
 

@@ -20,7 +20,6 @@ measured in the same run. Prints ratios vs (d) and writes JSON rows with device,
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 
 from fastratio import checkpoint, config
 from fastratio.draws import Draws
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.runner import StepRunner
 from fastratio.shard import SINGLE
 from fastratio.step import TrainStep
@@ -290,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         print("CPU: peak memory is the process's cumulative peak RSS, so later rows cannot read lower than earlier ones")
     out = args.out or Path(f"bench/results/step_time_{'gpu' if cuda else 'cpu'}_{size_name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_result(out, rows)
     print(f"wrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ run (``evaluations``: how much the result moves between evaluations, not only wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,8 +26,7 @@ from pathlib import Path
 import torch
 
 from fastratio import toy
-from fastratio.atomic import atomic_write
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.runlog import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,12 +93,10 @@ def main() -> int:
     # The commit the runs start from (the tree may move on while they run).
     meta = environment(torch.device("cpu"))
     print(f"{len(cells)} runs under {work}, {args.jobs} at a time")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     done: dict[int, dict] = {}
 
     def write() -> None:  # after every finished cell, in cell order: a kill keeps what finished
-        text = json.dumps([{**meta, **done[i]} for i in sorted(done)], indent=1) + "\n"
-        atomic_write(args.out, lambda f: f.write(text.encode()))
+        write_result(args.out, [{**meta, **done[i]} for i in sorted(done)])
 
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_cell, *cell, args.extra, work): i for i, cell in enumerate(cells)}

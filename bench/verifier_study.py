@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_claims import DATASETS, ROOT, Judge, _write_json
+from paper_claims import DATASETS, ROOT, Judge
 
 from fastratio import config
 from fastratio.data.formats import load_dataset
@@ -49,7 +49,7 @@ from fastratio.inference import denoiser_of, latent_sampler, load_model, load_ve
 from fastratio.networks.image import RatioUNet
 from fastratio.noise import add_noise, sample_sigma
 from fastratio.objectives import ratio_classifier_loss
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.verifier import DEFAULT_SIGMAS, realness
 
 SIGMA_GRID = (0.02, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["calibration"]:
         print(f"calibration {row['net']} sigma {row['sigma']}: AUC {row['auc']:.3f}, logit real {row['logit_real']:.3f} "
               f"fake {row['logit_fake']:.3f}, spearman(realness, confidence) {row['spearman_realness_confidence']:.3f}")
-    _write_json(out, result)
+    write_result(out, result)
 
     n_max = BEST_OF[-1]
     candidates = generate(args.n * n_max, torch.Generator(device).manual_seed(args.seed))  # output j: rows j*16 .. j*16+15
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name.endswith("@default") and n_cand == n_max:
                     result["picks"][f"{name} {rule} best_of_{n_cand}"] = _shares(judge, images)
             result["wall_minutes"] = round((time.time() - started) / 60, 1)
-            _write_json(out, result)
+            write_result(out, result)
     print(f"wrote {out} ({result['wall_minutes']} min)")
     return 0
 

@@ -14,16 +14,14 @@ between VSD's and the true direction; JSON rows with versions and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from fastratio import checkpoint, config, toy
-from fastratio.atomic import atomic_write
 from fastratio.errors import UserError, run_cli
-from fastratio.runinfo import environment
+from fastratio.runinfo import environment, write_result
 from fastratio.tasks.toy2d import Toy2DTask
 
 SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.3, 1.0, 3.0)
@@ -84,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         table += rows
     if args.out is not None:
         meta = environment(torch.device("cpu"))
-        text = json.dumps([{**meta, **r} for r in table], indent=1) + "\n"
-        atomic_write(args.out, lambda f: f.write(text.encode()))
+        write_result(args.out, [{**meta, **r} for r in table])
     return 0
 
 
