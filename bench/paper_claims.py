@@ -447,7 +447,7 @@ def _chosen_from(results: Path) -> dict[str, str]:
     if not isinstance(chosen, dict) or not chosen:
         raise UserError(f"--configurations-from {results}: its sweep chose nothing")
     for family, candidate in chosen.items():
-        if candidate not in SWEEP.get(family, {}):
+        if not isinstance(candidate, str) or candidate not in SWEEP.get(family, {}):
             raise UserError(f"--configurations-from {results}: sweep.chosen.{family} = {candidate!r} is not a candidate here")
     return chosen
 

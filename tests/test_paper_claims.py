@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,9 +118,10 @@ def test_a_sweep_gives_each_family_its_best_candidate_before_the_comparison(tmp_
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("ckpt-*.pt")} == ckpts
     assert f"chosen by the sweep of {tmp_path / 'claims.json'}: vsd {best}" in claims.report(taken)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"sweep": {"chosen": {"vsd": "w=unknown"}}}))
-    with pytest.raises(UserError, match=r"sweep.chosen.vsd = 'w=unknown' is not a candidate here"):
-        claims.main(other + ["--configurations-from", str(bad)])
+    for candidate in ("w=unknown", ["w=none_smin0.02"]):
+        bad.write_text(json.dumps({"sweep": {"chosen": {"vsd": candidate}}}))
+        with pytest.raises(UserError, match=rf"sweep.chosen.vsd = {re.escape(repr(candidate))} is not a candidate here"):
+            claims.main(other + ["--configurations-from", str(bad)])
     with pytest.raises(UserError, match=r"--configurations-from .*missing.json: no sweep's choice readable"):
         claims.main(other + ["--configurations-from", str(tmp_path / "missing.json")])
 
